@@ -1,0 +1,1 @@
+"""Dataset builders, expert policies and grain input pipelines."""

@@ -1,0 +1,1 @@
+"""Expert policies that generate demonstrations."""

@@ -1,0 +1,1 @@
+"""Flax NNX modules: LLM (+KV cache, LoRA), vision encoders, projector, VLM, adapters."""

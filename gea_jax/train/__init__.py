@@ -1,0 +1,1 @@
+"""gea_jax.train."""
