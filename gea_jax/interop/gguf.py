@@ -123,7 +123,9 @@ def _get(meta: dict, key: str, path: str, default: Any = ..., kind: type | None 
   return value
 
 
-def gguf_hf_config(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]], path: str = "<gguf>") -> dict:
+def gguf_hf_config(
+  meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]], path: str = "<gguf>"
+) -> dict:
   """HF `config.json`-style dict for a causal LM described by GGUF metadata and its tensors' shapes.
 
   `tensor_shapes` maps llama.cpp tensor names to their numpy (row-major, HF-order) shapes; it decides
@@ -239,8 +241,15 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
 
   path = os.fspath(path)
   reader = open_gguf(path)
-  meta = gguf_metadata(reader, skip=("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
-                                     "tokenizer.ggml.scores"))
+  meta = gguf_metadata(
+    reader,
+    skip=(
+      "tokenizer.ggml.tokens",
+      "tokenizer.ggml.merges",
+      "tokenizer.ggml.token_type",
+      "tokenizer.ggml.scores",
+    ),
+  )
   tensors = {t.name: t for t in reader.tensors}
   # numpy (row-major) shape = reversed GGUF dims = HF's (out_features, in_features).
   shapes = {name: tuple(int(d) for d in reversed(t.shape.tolist())) for name, t in tensors.items()}
@@ -263,7 +272,9 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
       raise GGUFError(f"{path}: tensor {name!r} has unsupported type {t.tensor_type.name} ({e})") from e
     w = np.array(w, dtype=np.float32, copy=True).reshape(shapes[name])  # own the memory: drop the mmap
     if permuted and (".attn_q." in name or ".attn_k." in name):
-      w = _unpermute_rope_rows(w, config["num_attention_heads"] if ".attn_q." in name else config["num_key_value_heads"])
+      w = _unpermute_rope_rows(
+        w, config["num_attention_heads"] if ".attn_q." in name else config["num_key_value_heads"]
+      )
     state[hf_name] = w
 
   _check_tensors(config, state, path)
@@ -273,26 +284,38 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
 def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
   """HF tensor name -> shape that a causal LM with this config must have (biases only if present)."""
   h, hd = config["hidden_size"], config["head_dim"]
-  q, kv, ff = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd, config["intermediate_size"]
+  q, kv, ff = (
+    config["num_attention_heads"] * hd,
+    config["num_key_value_heads"] * hd,
+    config["intermediate_size"],
+  )
   out = {"model.embed_tokens.weight": (config["vocab_size"], h), "model.norm.weight": (h,)}
   if not config["tie_word_embeddings"]:
     out["lm_head.weight"] = (config["vocab_size"], h)
   bias = config["model_type"] == "qwen2" or config.get("attention_bias", False)
   for i in range(config["num_hidden_layers"]):
     p = f"model.layers.{i}."
-    out.update({
-      p + "input_layernorm.weight": (h,),
-      p + "post_attention_layernorm.weight": (h,),
-      p + "self_attn.q_proj.weight": (q, h),
-      p + "self_attn.k_proj.weight": (kv, h),
-      p + "self_attn.v_proj.weight": (kv, h),
-      p + "self_attn.o_proj.weight": (h, q),
-      p + "mlp.gate_proj.weight": (ff, h),
-      p + "mlp.up_proj.weight": (ff, h),
-      p + "mlp.down_proj.weight": (h, ff),
-    })
+    out.update(
+      {
+        p + "input_layernorm.weight": (h,),
+        p + "post_attention_layernorm.weight": (h,),
+        p + "self_attn.q_proj.weight": (q, h),
+        p + "self_attn.k_proj.weight": (kv, h),
+        p + "self_attn.v_proj.weight": (kv, h),
+        p + "self_attn.o_proj.weight": (h, q),
+        p + "mlp.gate_proj.weight": (ff, h),
+        p + "mlp.up_proj.weight": (ff, h),
+        p + "mlp.down_proj.weight": (h, ff),
+      }
+    )
     if bias:
-      out.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,), p + "self_attn.v_proj.bias": (kv,)})
+      out.update(
+        {
+          p + "self_attn.q_proj.bias": (q,),
+          p + "self_attn.k_proj.bias": (kv,),
+          p + "self_attn.v_proj.bias": (kv,),
+        }
+      )
   return out
 
 
@@ -313,7 +336,9 @@ def _check_tensors(config: dict, state: dict[str, np.ndarray], path: str) -> Non
   missing = [k for k in want if k not in state]
   if missing:
     shown = ", ".join(f"{_gguf_name(k)!r} ({k})" for k in missing[:5])
-    raise GGUFError(f"{path}: missing tensor(s) {shown}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    raise GGUFError(
+      f"{path}: missing tensor(s) {shown}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    )
   extra = [k for k in state if k not in want]
   if extra:
     shown = ", ".join(f"{_gguf_name(k)!r} ({k})" for k in extra[:5])
