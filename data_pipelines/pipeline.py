@@ -408,7 +408,7 @@ def make_train_iterator(data_dir: str | os.PathLike, embodiments: Sequence[str] 
     history: k, the number of steps in each sample's window (the current one last).
     tokenize: `tokenize(sample) -> dict`; default passes the standardized arrays through.
     seed: everything random (episode order per epoch, window shuffles) derives from it.
-    split: "train" or "heldout".
+    split: "train", "heldout_seed" or "heldout_combo" (see data_pipelines.rlds_builder.SPLITS).
     shard_index, shard_count: this process's part of the episodes; default jax.process_index()/count().
     num_workers: worker processes (grain `mp_prefetch`); 0 reads in this process. The batches do not
       depend on it.

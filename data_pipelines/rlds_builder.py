@@ -4,7 +4,7 @@ One dataset per embodiment (action and state shapes differ), as a builder config
 
   DATA_DIR/gea_episodes/<embodiment>/1.0.0/
     gea_episodes-train.array_record-00000-of-0000N    one record per episode
-    gea_episodes-heldout.array_record-...
+    gea_episodes-heldout_seed.array_record-...        held-out splits (also heldout_combo for grid tasks)
     dataset_info.json, features.json                  TFDS's own description
     metadata.json                                     schema version, EmbodimentSpec JSON, episode lengths,
                                                       build arguments, expert success rates, file sizes
@@ -40,7 +40,7 @@ from gea_jax.envs.spec import EmbodimentSpec
 DATASET_NAME = "gea_episodes"
 VERSION = "1.0.0"
 SCHEMA_VERSION = 1
-SPLITS = ("train", "heldout")
+SPLITS = ("train", "heldout_seed", "heldout_combo")  # the task splits of gea_jax.envs
 EPISODE_KEYS = ("image", "state", "action", "reward", "discount", "is_first", "is_last", "is_terminal")
 # An episode generator: (split, num_episodes, seed) -> iterable of episode dicts (see `validate_episode`).
 EpisodesFn = Callable[[str, int, int], Iterable[dict[str, Any]]]
@@ -197,8 +197,7 @@ class GeaEpisodes(tfds.core.GeneratorBasedBuilder):
     from tqdm.auto import tqdm
 
     n = self._num_episodes[split]
-    # Held-out episodes use disjoint seeds as well as held-out tasks.
-    seed = self._seed if split == "train" else self._seed + 1_000_003
+    seed = self._seed  # the environments fold the split into their keys: splits draw disjoint tasks
     acc = StatsAccumulator(self._spec.name, self._spec.action_space.is_continuous)
     lengths, successes = [], []
     bar = tqdm(total=n, desc=f"{self._spec.name}/{split}", unit="ep", disable=not self._progress)
