@@ -204,11 +204,18 @@ def versions() -> dict[str, str]:
   return out
 
 
-def abstract_like(tree: Any) -> Any:
-  """ShapeDtypeStructs with the same shapes, dtypes and shardings: restore targets for ``restore_latest``."""
+def abstract_like(tree: Any, mesh: jax.sharding.Mesh | None = None) -> Any:
+  """ShapeDtypeStructs with the same shapes, dtypes and shardings: restore targets for ``restore_latest``.
+
+  With ``mesh``, leaves not laid out on that mesh (e.g. an optax step count created on the default
+  device) are restored replicated over it, so they can enter a jitted step with the sharded params.
+  """
   def one(x):
     if isinstance(x, jax.Array):
-      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+      s = x.sharding
+      if mesh is not None and not (isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh):
+        s = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
     if isinstance(x, np.ndarray):
       return jax.ShapeDtypeStruct(x.shape, x.dtype)
     return x
@@ -310,9 +317,11 @@ class Checkpointer:
     """Replaces the config stored with the following checkpoints."""
     self._config = config_to_json(config)
 
-  def all_steps(self) -> list[int]:
-    """Complete steps on disk, ascending (orbax's tmp directories are never listed)."""
-    return sorted(self._manager.all_steps(read=True))
+  def all_steps(self, reload: bool = False) -> list[int]:
+    """Complete steps, ascending (orbax's tmp directories are never listed); ``reload`` re-reads the disk."""
+    if reload:
+      self._manager.reload()
+    return sorted(self._manager.all_steps())
 
   @property
   def latest_step(self) -> int | None:
@@ -437,8 +446,8 @@ class Checkpointer:
         _check_against_target(opt_state, abstract_opt_state, "opt_state", step_dir)
       state = _from_json(json.loads((step_dir / "state" / "metadata").read_text()))
       rng = _decode_rng(state.get("rng"))
-    except CheckpointError:
-      raise
+    except CheckpointError as e:
+      raise CheckpointError(f"checkpoint step {step} at {step_dir}: {e}") from e
     except Exception as e:
       cause = (str(e).strip().splitlines() or [""])[0][:300]
       raise CheckpointError(f"checkpoint step {step} at {step_dir} is unreadable: {type(e).__name__}: {cause}") from e
@@ -462,7 +471,7 @@ class Checkpointer:
     while an older one restored are moved to ``checkpoints_corrupt/`` so they are never picked again.
     """
     self.wait()
-    steps = sorted(self.all_steps(), reverse=True)
+    steps = sorted(self.all_steps(reload=True), reverse=True)
     if not steps:
       return None
     failed: list[tuple[int, CheckpointError]] = []
