@@ -186,6 +186,56 @@ class StepWindows(grain.MapDataset):
     return window
 
 
+class WindowShuffle(grain.MapDataset):
+  """Shuffles a MapDataset within consecutive windows of `window_size` elements, seeded per window.
+
+  Unlike grain's WindowShuffleMapDataset, the last window of a finite dataset may be partial.
+  """
+
+  def __init__(self, parent: grain.MapDataset, *, window_size: int, seed: int):
+    super().__init__(parent)
+    self._window = int(window_size)
+    self._seed = int(seed)
+    self._perms: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+    self._lock = threading.Lock()
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_perms"], state["_lock"] = collections.OrderedDict(), None
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def __len__(self) -> int:
+    return len(self._parent)
+
+  def __str__(self) -> str:
+    return f"WindowShuffle(window_size={self._window})"
+
+  def _perm(self, w: int, size: int) -> np.ndarray:
+    with self._lock:
+      p = self._perms.get(w)
+    if p is None:
+      p = np.random.default_rng(np.random.SeedSequence([self._seed, w])).permutation(size)
+      with self._lock:
+        self._perms[w] = p
+        while len(self._perms) > 8:
+          self._perms.popitem(last=False)
+    return p
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    n = len(self._parent)
+    if not 0 <= index < n:
+      raise IndexError(f"index {index} out of range for a dataset of length {n}")
+    w, j = divmod(int(index), self._window)
+    size = min(self._window, n - w * self._window)
+    return self._parent[w * self._window + int(self._perm(w, size)[j])]
+
+
 def _pad_front(x: np.ndarray, n: int) -> np.ndarray:
   return np.concatenate([np.zeros((n, *x.shape[1:]), x.dtype), x], axis=0)
 
@@ -374,7 +424,7 @@ def make_dataset(data_dir: str | os.PathLike, embodiments: Sequence[str], weight
                        cache_episodes=cache_episodes, dataset=ds)
     steps.append(part.steps_per_epoch)
     if shuffle and shuffle_window > 1:
-      part = grain.experimental.WindowShuffleMapDataset(part, window_size=shuffle_window, seed=emb_seed)
+      part = WindowShuffle(part, window_size=shuffle_window, seed=emb_seed)
     part = part.map(Standardize(i, ds.spec, ds.normalization, max_state, max_action, tuple(image_size), normalization))
     parts.append(part)
   mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
@@ -424,6 +474,10 @@ def make_train_iterator(data_dir: str | os.PathLike, embodiments: Sequence[str] 
                        shard_count=shard_count, **kwargs)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size))
   if num_workers > 0:
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside absl.app use their defaults
+      flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
                                                            per_worker_buffer_size=worker_buffer_size))
   return iter(it_ds)
