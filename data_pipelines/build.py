@@ -19,16 +19,15 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
-
 from data_pipelines.rlds_builder import SPLITS, build_dataset, dataset_path
 
 RolloutFn = Callable[[str, int, int, str], Sequence[dict[str, Any]]]
 
 
-def chunk_seed(seed: int, chunk: int) -> int:
-  """The expert seed of chunk `chunk` of a split: independent streams, reproducible from `seed`."""
-  return int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0] & 0x7FFFFFFF)
+def chunk_seed(seed: int, chunk_index: int, chunk: int) -> int:
+  """Seed of the `chunk_index`-th rollout call: episode i of `rollout(name, n, s)` resets with
+  PRNGKey(s + i), so episode j of a split is the one with seed `seed + j` whatever the chunk size."""
+  return seed + chunk_index * chunk
 
 
 def chunked_episodes(rollout: RolloutFn, name: str, chunk: int) -> Callable[[str, int, int], Iterator[dict]]:
@@ -37,7 +36,7 @@ def chunked_episodes(rollout: RolloutFn, name: str, chunk: int) -> Callable[[str
   def episodes_fn(split: str, n: int, seed: int) -> Iterator[dict]:
     produced, c = 0, 0
     while produced < n:
-      eps = rollout(name, chunk, chunk_seed(seed, c), split)  # a fixed chunk size: one compilation
+      eps = rollout(name, chunk, chunk_seed(seed, c, chunk), split)  # a fixed chunk size: one compilation
       if len(eps) == 0:
         raise RuntimeError(f"expert rollout for {name!r}/{split} returned no episodes")
       for ep in eps[: n - produced]:

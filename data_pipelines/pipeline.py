@@ -66,6 +66,8 @@ def _resolve_shard(shard_index: int | None, shard_count: int | None) -> tuple[in
 class StepWindows(grain.MapDataset):
   """Every step of one shard of an embodiment's episodes, as a window of the last `history` steps.
 
+  The last step of each episode (RLDS: final observation, no action) is left out unless
+  `include_last_step`.
   Element `i` of epoch `e = i // steps_per_epoch` is a step of the episode order `perm(seed, e)` (a seeded
   permutation of this shard's episodes; identity when `shuffle_episodes` is False). `num_epochs=None`
   repeats forever. Episodes `shard_index::shard_count` belong to this shard: shards are disjoint and
@@ -74,7 +76,8 @@ class StepWindows(grain.MapDataset):
 
   def __init__(self, data_dir: str | os.PathLike, embodiment: str, split: str = "train", *, history: int = 3,
                shard_index: int = 0, shard_count: int = 1, seed: int = 0, shuffle_episodes: bool = True,
-               num_epochs: int | None = None, cache_episodes: int = 64, dataset: EpisodeDataset | None = None):
+               num_epochs: int | None = None, cache_episodes: int = 64, include_last_step: bool = False,
+               dataset: EpisodeDataset | None = None):
     super().__init__()
     if history < 1:
       raise ValueError(f"history must be >= 1, got {history}")
@@ -94,8 +97,11 @@ class StepWindows(grain.MapDataset):
     if len(self.episode_ids) == 0:
       raise DatasetError(f"{ds.path}: split {split!r} has {len(all_lengths)} episodes, fewer than shard_count="
                          f"{shard_count}: shard {shard_index} would be empty")
-    self._lengths = all_lengths[self.episode_ids]
+    # RLDS: the last step holds the final observation and no real action (zeros): not a training target.
+    self._lengths = all_lengths[self.episode_ids] - (0 if include_last_step else 1)
     self.steps_per_epoch = int(self._lengths.sum())
+    if self.steps_per_epoch == 0:
+      raise DatasetError(f"{ds.path}: split {split!r} of shard {shard_index}/{shard_count} has no usable steps")
     self._ds: EpisodeDataset | None = ds
     self._init_runtime()
 
@@ -391,7 +397,7 @@ def make_dataset(data_dir: str | os.PathLike, embodiments: Sequence[str], weight
                  shuffle: bool = True, shuffle_window: int = 1024, num_epochs: int | None = None,
                  normalization: str = "mean_std", image_size: tuple[int, int] | None = None,
                  sequence_keys: tuple[str, ...] = DEFAULT_SEQUENCE_KEYS,
-                 cache_episodes: int = 64) -> tuple[grain.MapDataset, PipelineInfo]:
+                 cache_episodes: int = 64, include_last_step: bool = False) -> tuple[grain.MapDataset, PipelineInfo]:
   """The pipeline as a `grain.MapDataset` (of batches when `batch_size`, else of samples) and its info.
 
   See `make_train_iterator` for the arguments. With `num_epochs=None` the dataset is infinite.
@@ -421,7 +427,7 @@ def make_dataset(data_dir: str | os.PathLike, embodiments: Sequence[str], weight
     emb_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
     part = StepWindows(data_dir, name, split, history=history, shard_index=shard_index, shard_count=shard_count,
                        seed=emb_seed, shuffle_episodes=shuffle, num_epochs=num_epochs,
-                       cache_episodes=cache_episodes, dataset=ds)
+                       cache_episodes=cache_episodes, include_last_step=include_last_step, dataset=ds)
     steps.append(part.steps_per_epoch)
     if shuffle and shuffle_window > 1:
       part = WindowShuffle(part, window_size=shuffle_window, seed=emb_seed)
@@ -464,7 +470,7 @@ def make_train_iterator(data_dir: str | os.PathLike, embodiments: Sequence[str] 
       depend on it.
     worker_buffer_size, read_threads, prefetch_buffer_size: grain buffering options.
     **kwargs: passed to `make_dataset` (shuffle, shuffle_window, num_epochs, normalization, image_size,
-      sequence_keys, cache_episodes).
+      sequence_keys, cache_episodes, include_last_step).
 
   The iterator's `get_state()` is a small dict (put it in the checkpoint); `set_state(state)` on a fresh
   iterator built with the same arguments resumes with exactly the batches the old one would have yielded.
