@@ -132,8 +132,9 @@ class TextTokenizer:
         raise TokenizerError(
           f"apply_chat_template: messages[{i}] must be a dict with 'role' and 'content', got {m!r}"
         )
-    variables = {k: v for k, v in self._special_tokens.items() if v is not None}
-    variables.update(bos_token=self.bos_token, eos_token=self.eos_token)
+    # Only tokens the source defines: an undefined one renders as "" (as in transformers), not "None".
+    variables = dict(self._special_tokens, bos_token=self.bos_token, eos_token=self.eos_token)
+    variables = {k: v for k, v in variables.items() if v is not None}
     return _compile_template(self.chat_template).render(
       messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt, **variables
     )
