@@ -297,7 +297,7 @@ class Checkpointer:
     self.directory = self.workdir / "checkpoints"
     self.corrupt_directory = self.workdir / "checkpoints_corrupt"
     self._staging = self.workdir / ".checkpoint_assets"
-    self.keep, self.save_every, self.read_only = keep, save_every, read_only
+    self.keep, self.save_every, self.read_only, self.async_save = keep, save_every, read_only, async_save
     if read_only and not self.directory.is_dir():
       raise CheckpointError(f"{self.directory}: no checkpoint directory to read")
     self._config = config_to_json(config)
@@ -420,7 +420,7 @@ class Checkpointer:
       raise CheckpointError(f"saving step {step} to {self.step_dir(step)} failed: {type(e).__name__}: {e}") from e
     if saved:
       logger.info("checkpoint step %d -> %s%s", step, self.step_dir(step),
-                  " (async)" if self._manager._options.enable_async_checkpointing else "")
+                  " (async)" if self.async_save else "")
     return bool(saved)
 
   # -- restore -----------------------------------------------------------------------------------------

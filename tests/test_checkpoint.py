@@ -1,6 +1,7 @@
 """Tests for gea_jax.checkpoint and gea_jax.train.loop_utils: round trip on a mesh, keep-last-N, corrupted
 checkpoints, exact resume, SIGTERM in a real subprocess, non-finite loss."""
 
+import functools
 import glob
 import json
 import logging
@@ -22,7 +23,7 @@ import pytest
 from flax import nnx
 
 from gea_jax import sharding
-from gea_jax.checkpoint import CheckpointError, Checkpointer, abstract_like, load_step_meta
+from gea_jax.checkpoint import Checkpointer, CheckpointError, abstract_like, load_step_meta
 from gea_jax.train.loop_utils import NonFiniteLossError, check_finite, install_sigterm_handler
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +53,7 @@ def _leaves_equal(a, b):
 def _save_steps(workdir, params, opt_state, steps, **kw):
   with Checkpointer(workdir, keep=kw.pop("keep", 3), save_every=1, **kw) as ck:
     for s in steps:
-      p = jax.tree.map(lambda x: x + s, params)
+      p = jax.tree.map(lambda x, s=s: x + s, params)
       ck.save(s, params=p, opt_state=opt_state, rng=jax.random.key(s), data_state={"next_index": s},
               extra={"loss": 1.0 / s})
 
@@ -215,7 +216,11 @@ def _dataset(n=96, batch=8):
   return ds
 
 
-def _make_train_step(tx):
+@functools.lru_cache(maxsize=None)
+def _make_train_step(total_steps):
+  """The optimizer and the jitted step (built once per test session: the runs share one compiled program)."""
+  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 0.5, 2, total_steps), weight_decay=1e-2)
+
   def loss_fn(params, batch, key):
     noise = 0.05 * jax.random.normal(key, batch["x"].shape)  # per-step randomness, e.g. augmentation
     pred = (batch["x"] + noise) @ params["w"] + params["b"]
@@ -227,24 +232,24 @@ def _make_train_step(tx):
     loss, grads = jax.value_and_grad(loss_fn)(params, batch, key)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
-  return step_fn
+  return tx, step_fn
 
 
 def _run(workdir, total_steps, stop_after=None):
   """A tiny trainer: resumes from ``workdir`` when it holds a checkpoint; returns (losses, params)."""
-  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 0.5, 2, total_steps), weight_decay=1e-2)
+  tx, step_fn = _make_train_step(total_steps)
   mesh = sharding.make_mesh((-1, 1, 1))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   params = jax.device_put({"w": jnp.zeros(3), "b": jnp.zeros(())}, replicated)
-  opt_state = tx.init(params)
-  base_key = jax.random.key(42)
+  opt_state = jax.device_put(tx.init(params), replicated)
+  base_key = jax.device_put(jax.random.key(42), replicated)
   it = iter(_dataset().to_iter_dataset())
-  step_fn = _make_train_step(tx)
   ck = Checkpointer(workdir, keep=2, save_every=1000)
   start = 0
   restored = ck.restore_latest(abstract_like(params, mesh), abstract_like(opt_state, mesh))
   if restored is not None:
-    params, opt_state, base_key, start = restored.params, restored.opt_state, restored.rng, restored.step
+    params, opt_state, start = restored.params, restored.opt_state, restored.step
+    base_key = jax.device_put(restored.rng, replicated)
     it.set_state(restored.data_state)
   losses = {}
   for step in range(start, total_steps):
@@ -308,8 +313,9 @@ def test_sigterm_saves_checkpoint_and_exits_cleanly(tmp_path):
   script = tmp_path / "loop.py"
   script.write_text(_SIGTERM_SCRIPT)
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  stderr = open(tmp_path / "stderr.txt", "w")  # a file, so a chatty child never blocks on a full pipe
   proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "run")], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, env=env)
+                          stderr=stderr, text=True, env=env)
   try:
     lines = []
     for line in proc.stdout:
@@ -317,10 +323,12 @@ def test_sigterm_saves_checkpoint_and_exits_cleanly(tmp_path):
       if line.strip() == "step 3":
         proc.send_signal(signal.SIGTERM)
         break
-    out, err = proc.communicate(timeout=180)
+    out, _ = proc.communicate(timeout=180)
   finally:
     if proc.poll() is None:
       proc.kill()
+    stderr.close()
+  err = (tmp_path / "stderr.txt").read_text()
   lines += [ln.strip() for ln in out.splitlines()]
   assert proc.returncode == 0, err[-2000:]
   exit_lines = [ln for ln in lines if ln.startswith("exit at")]
