@@ -22,9 +22,9 @@ Exact resume (a resumed run is bit-identical to an uninterrupted one with the sa
    (``grain`` ``DatasetIterator.get_state()``; restore with ``set_state``).
 2. Never thread a mutated RNG key through the loop. Derive the key of step ``s`` as
    ``jax.random.fold_in(base_key, s)`` so it is a function of (seed, step) only.
-3. Restore arrays with the same shardings (pass abstract targets from ``abstract_like`` or
-   ``nnx.eval_shape``) and re-run the same jitted step function: XLA then runs the identical program on
-   identical inputs. Restoring float32 arrays through orbax is lossless.
+3. Restore arrays with the same shardings (abstract targets from ``abstract_like(tree, mesh)`` or
+   ``nnx.eval_shape``; put the restored key on the mesh like the fresh one) and re-run the same jitted
+   step function: XLA then runs the identical program on identical inputs. Orbax stores arrays losslessly.
 4. Resume from ``restored.step`` (the number of completed steps): the loop continues with step
    ``restored.step`` exactly as the uninterrupted run would have.
 
@@ -36,6 +36,10 @@ one; if an older step restores with the same targets, the failed steps are moved
 ``checkpoints_corrupt/`` (kept for inspection, never reused). If no step restores, it raises
 ``CheckpointError`` and moves nothing: the failure is then more likely a mismatch between the targets and
 the checkpoint than corruption.
+
+Non-finite losses: trainers call ``gea_jax.train.loop_utils.check_finite`` before saving; as a safety net
+``save`` refuses an ``extra`` whose "loss" (or "*/loss", "*_loss") is NaN/inf, so the last checkpoint on
+disk is always the last good one.
 """
 
 from __future__ import annotations
@@ -404,6 +408,11 @@ class Checkpointer:
     if step in self._manager.all_steps():
       logger.info("checkpoint step %d already exists in %s; not saving it again", step, self.directory)
       return False
+    for key, value in (extra or {}).items():  # a safety net behind check_finite: never save a diverged state
+      if (key == "loss" or key.endswith(("/loss", "_loss"))) and np.size(value) == 1 \
+          and not np.isfinite(float(np.asarray(value).reshape(()))):
+        from gea_jax.train.loop_utils import NonFiniteLossError
+        raise NonFiniteLossError(step, key, float(np.asarray(value).reshape(())), self.latest_step, self.directory)
     state = {"step": step, "rng": _encode_rng(rng), "data_state": _to_json(data_state, "data_state"),
              "extra": _to_json(dict(extra or {}), "extra")}
     meta = {"format_version": FORMAT_VERSION, "config": self._config, "versions": versions(),

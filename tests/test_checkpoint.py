@@ -374,6 +374,9 @@ def test_nan_loss_stops_run_and_keeps_last_good_checkpoint(tmp_path):
       ck.save(step, params=params, extra={"loss": loss})
   assert info.value.step == 4 and info.value.last_good_step == 3
   assert "last good checkpoint is step 3" in str(info.value) and str(ck.directory) in str(info.value)
+  with pytest.raises(NonFiniteLossError, match="non-finite train/loss at step 4"):  # save's own safety net
+    ck.save(4, params=params, extra={"train/loss": jnp.float32(jnp.inf)}, force=True)
+  assert ck.all_steps() == [1, 2, 3]
   ck.close()
   r = Checkpointer(tmp_path).restore_latest({"w": jax.ShapeDtypeStruct((4,), jnp.float32)})
   assert r.step == 3 and r.extra == {"loss": 0.25}
