@@ -435,7 +435,11 @@ class Checkpointer:
   # -- restore -----------------------------------------------------------------------------------------
 
   def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any = None) -> RestoredState:
-    """Restores one step onto the targets' shardings; raises ``CheckpointError`` naming step and path."""
+    """Restores one step onto the targets' shardings; raises ``CheckpointError`` naming step and path.
+
+    ``abstract_params=None`` restores the stored tree as saved (nested dicts of arrays on the default
+    device): enough for export and inspection, which know no model.
+    """
     step_dir = self.step_dir(step)
     if not step_dir.is_dir():
       raise CheckpointError(f"checkpoint step {step}: {step_dir} does not exist (steps: {self.all_steps()})")
@@ -448,7 +452,8 @@ class Checkpointer:
         args["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
       restored = self._manager.restore(step, args=ocp.args.Composite(**args))
       params = restored["params"]
-      _check_against_target(params, abstract_params, "params", step_dir)
+      if abstract_params is not None:
+        _check_against_target(params, abstract_params, "params", step_dir)
       opt_state = None
       if abstract_opt_state is not None:
         opt_state = restored["opt_state"]
