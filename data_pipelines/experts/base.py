@@ -1,0 +1,77 @@
+"""Expert registry: one demonstrator policy per embodiment name.
+
+An `Expert` maps an `EnvState` (privileged: the full simulator state and task) and a PRNG key to
+an action. Jittable experts (scripted controllers, trained MLPs) are rolled out batched under
+`jax.jit(vmap(...))`; host-side experts (the grid planner) also provide `plan(state)`, an
+open-loop action sequence for their deterministic env.
+
+    experts.get("reacher").act(state, key)
+    experts.register_policy("halfcheetah", ppo_policy_fn, expert_name="ppo_mlp")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable, Optional
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class Expert:
+  """A demonstrator for one embodiment.
+
+  embodiment: registry name of the embodiment it acts in.
+  name: what kind of expert this is ("bfs_planner", "ik_pd", "ppo_mlp", ...), stored in datasets.
+  act: (EnvState, key) -> action (f32 [dim] continuous, int32 scalar discrete).
+  jittable: whether `act` can run under jit/vmap.
+  plan: optional host-side (EnvState) -> list of actions reaching the goal, or None if unsolvable.
+  """
+
+  embodiment: str
+  name: str
+  act: Callable[[Any, jax.Array], Any]
+  jittable: bool = True
+  plan: Optional[Callable[[Any], Optional[list]]] = None
+
+
+# embodiment name -> "module:builder" (lazy) or a built Expert.
+_EXPERTS: dict[str, Any] = {
+    "grid_goto": "data_pipelines.experts.grid_planner:make_expert",
+    "grid_pickup": "data_pipelines.experts.grid_planner:make_expert",
+    "grid_putnext": "data_pipelines.experts.grid_planner:make_expert",
+    "reacher": "data_pipelines.experts.reacher:make_expert",
+    "pusher": "data_pipelines.experts.pusher:make_expert",
+}
+
+
+def names() -> tuple[str, ...]:
+  """Embodiments that have an expert."""
+  return tuple(sorted(_EXPERTS))
+
+
+def register_policy(name: str, fn: Callable[[Any, jax.Array], Any], *, expert_name: str = "policy",
+                    jittable: bool = True, overwrite: bool = True) -> Expert:
+  """Registers `fn(state, key) -> action` (e.g. a PPO-trained MLP) as the expert of embodiment `name`."""
+  from gea_jax.envs import registry
+  if name not in registry.names():
+    raise KeyError(f"register_policy: unknown embodiment {name!r}; known embodiments: {', '.join(registry.names())}")
+  if name in _EXPERTS and not overwrite:
+    raise ValueError(f"register_policy: embodiment {name!r} already has an expert (pass overwrite=True)")
+  expert = Expert(embodiment=name, name=expert_name, act=fn, jittable=jittable)
+  _EXPERTS[name] = expert
+  return expert
+
+
+def get(name: str) -> Expert:
+  """The expert of embodiment `name`."""
+  if name not in _EXPERTS:
+    raise KeyError(f"no expert for embodiment {name!r}; embodiments with experts: {', '.join(names())} "
+                   "(register one with experts.register_policy)")
+  e = _EXPERTS[name]
+  if isinstance(e, str):
+    module, attr = e.split(":")
+    e = getattr(importlib.import_module(module), attr)(name)
+    _EXPERTS[name] = e
+  return e

@@ -1,0 +1,124 @@
+"""Batched expert rollouts -> RLDS-style episodes (dicts of numpy arrays), and success rates.
+
+Episode layout (RLDS convention), for an episode with N actions (N + 1 steps):
+  image [N+1, H, W, 3] uint8, state [N+1, ds] f32: observation o_0 .. o_N (o_N is the final one);
+  action [N+1, da] f32 (continuous) or [N+1, 1] int32 (discrete): a_0 .. a_{N-1}, then zeros;
+  reward [N+1] f32: reward[i] follows action a_i, reward[N] = 0;
+  discount [N+1] f32: 1, except 0 on the last step when the episode ended by success (terminal);
+  is_first [N+1]: only step 0; is_last: only step N; is_terminal: step N if the task succeeded;
+  instruction (str), embodiment (str), task (str: the task family), seed (int), expert (str),
+  success (bool).
+
+Episode i of `rollout(name, n, seed)` resets with `jax.random.PRNGKey(seed + i)`, so every episode
+is reproducible on its own, whatever the batch it ran in. Continuous-control experts run batched
+under one jitted `lax.scan`; the grid planner plans on the host and its open-loop plan is replayed
+the same way (the grid is deterministic).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data_pipelines.experts.base import Expert, get
+from gea_jax.envs import registry
+
+
+def _freeze(done, new, old):
+  """Keeps `old` where an episode is already done (no auto-reset: episodes stop at done)."""
+  return jax.tree_util.tree_map(lambda n, o: jnp.where(done.reshape(done.shape + (1,) * (n.ndim - done.ndim)), o, n),
+                                new, old)
+
+
+@functools.lru_cache(maxsize=32)
+def _program(env_name: str, expert: Expert, task_split: str, num_steps: int, planned: bool):
+  env = registry.make(env_name)
+
+  def run(keys, plans):
+    s0 = jax.vmap(lambda k: env.reset(k, task_split))(keys)
+
+    def body(s, t):
+      if planned:
+        a = plans[:, t]
+      else:
+        a = jax.vmap(expert.act)(s, jax.vmap(lambda k: jax.random.fold_in(k, t))(keys))
+      s2 = _freeze(s.done, jax.vmap(env.step)(s, a), s)
+      return s2, (s.obs, a, s2.reward, s2.done, s2.terminal, s2.success)
+
+    s_last, traj = jax.lax.scan(body, s0, jnp.arange(num_steps))
+    return s0, s_last, traj
+
+  return jax.jit(run)
+
+
+def _pad_plans(plans: list, num_steps: int, filler: int) -> np.ndarray:
+  out = np.full((len(plans), num_steps), filler, np.int32)
+  for i, p in enumerate(plans):
+    p = p if p is not None else []
+    out[i, : min(len(p), num_steps)] = p[:num_steps]
+  return out
+
+
+def rollout(name: str, num_episodes: int, seed: int = 0, task_split: str = "train", *,
+            batch_size: int = 32, expert: Expert | None = None) -> list[dict[str, Any]]:
+  """Runs the expert of embodiment `name` for `num_episodes` episodes; returns RLDS-style episodes."""
+  if num_episodes < 0:
+    raise ValueError(f"rollout: num_episodes must be >= 0, got {num_episodes}")
+  env = registry.make(name)
+  expert = expert or get(name)
+  planned = not expert.jittable
+  if planned and expert.plan is None:
+    raise ValueError(f"rollout: expert {expert.name!r} of {name!r} is neither jittable nor has a plan()")
+  num_steps = env.spec.max_episode_steps
+  batch = max(1, min(batch_size, num_episodes))
+  program = _program(name, expert, task_split, num_steps, planned)
+  discrete = not env.spec.action_space.is_continuous
+  family = getattr(env, "task_family", "") or name
+  episodes = []
+  for start in range(0, num_episodes, batch):
+    seeds = np.arange(start, start + batch) + seed
+    n_real = min(batch, num_episodes - start)
+    seeds[n_real:] = seeds[0]  # pad the last batch (same shapes, one compiled program)
+    keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds))
+    if planned:
+      s0 = jax.jit(jax.vmap(lambda k: env.reset(k, task_split)))(keys)
+      plans = [expert.plan(jax.tree_util.tree_map(lambda x: x[i], s0)) for i in range(batch)]
+      plan_arr = jnp.asarray(_pad_plans(plans, num_steps, filler=2))
+    else:
+      plan_arr = jnp.zeros((batch, num_steps), jnp.int32)
+    s0, s_last, (obs, act, rew, done, term, succ) = program(keys, plan_arr)
+    instr = env.instruction(s0)
+    obs, act, rew, done, term, succ = jax.device_get((obs, act, rew, done, term, succ))
+    last_obs = jax.device_get(s_last.obs)
+    for i in range(n_real):
+      d = np.flatnonzero(done[:, i])
+      n = int(d[0]) + 1 if len(d) else num_steps
+      image = np.concatenate([obs["image"][:n, i], last_obs["image"][i][None]])
+      state = np.concatenate([obs["state"][:n, i], last_obs["state"][i][None]]).astype(np.float32)
+      a = np.asarray(act[:n, i])
+      a = a.reshape(n, 1).astype(np.int32) if discrete else a.reshape(n, -1).astype(np.float32)
+      a = np.concatenate([a, np.zeros((1, a.shape[1]), a.dtype)])
+      reward = np.concatenate([rew[:n, i], [0.0]]).astype(np.float32)
+      terminal = bool(term[n - 1, i])
+      is_last = np.zeros(n + 1, bool)
+      is_last[-1] = True
+      is_first = np.zeros(n + 1, bool)
+      is_first[0] = True
+      discount = np.ones(n + 1, np.float32)
+      if terminal:
+        discount[-1] = 0.0
+      episodes.append(dict(
+          image=image, state=state, action=a, reward=reward, discount=discount, is_first=is_first,
+          is_last=is_last, is_terminal=is_last & terminal, instruction=instr[i], embodiment=name,
+          task=family, seed=int(seeds[i]), expert=expert.name, success=bool(succ[n - 1, i])))
+  return episodes
+
+
+def success_rate(name: str, num_episodes: int, seed: int = 0, task_split: str = "train", **kw) -> float:
+  """Fraction of successful expert episodes."""
+  eps = rollout(name, num_episodes, seed, task_split, **kw)
+  return float(np.mean([e["success"] for e in eps])) if eps else float("nan")
