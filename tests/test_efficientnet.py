@@ -113,11 +113,10 @@ def test_per_block_parity_with_torch(model, torch_model, hw):
 
 
 def _photo(name):
-  skimage = pytest.importorskip("skimage")
-  import skimage.data
-  import skimage.transform
-  img = getattr(skimage.data, name)()
-  x = skimage.transform.resize(img, (224, 224), anti_aliasing=True).astype(np.float32)  # [0, 1]
+  data = pytest.importorskip("skimage.data")
+  transform = pytest.importorskip("skimage.transform")
+  img = getattr(data, name)()
+  x = transform.resize(img, (224, 224), anti_aliasing=True).astype(np.float32)  # [0, 1]
   return (x - np.asarray(IMAGE_MEAN, np.float32)) / np.asarray(IMAGE_STD, np.float32)
 
 
