@@ -36,7 +36,8 @@ def chunked_episodes(rollout: RolloutFn, name: str, chunk: int) -> Callable[[str
   def episodes_fn(split: str, n: int, seed: int) -> Iterator[dict]:
     produced, c = 0, 0
     while produced < n:
-      eps = rollout(name, chunk, chunk_seed(seed, c, chunk), split)  # a fixed chunk size: one compilation
+      # A fixed request size per split (one compilation); seeds stay seed + j whatever the size.
+      eps = rollout(name, min(chunk, n), chunk_seed(seed, c, min(chunk, n)), split)
       if len(eps) == 0:
         raise RuntimeError(f"expert rollout for {name!r}/{split} returned no episodes")
       for ep in eps[: n - produced]:

@@ -7,8 +7,8 @@ a position; see `make_train_iterator`):
     -> StepWindows         per process shard of episodes; each epoch a seeded permutation of them; one
                            element per step with its history window of the last k steps, padded at the
                            episode start and marked by `history_mask`
-    -> WindowShuffle       steps shuffled within windows of `shuffle_window` (a decoded-episode cache keeps
-                           the reads cheap: an episode is parsed once per window, not once per step)
+    -> WindowShuffle       steps shuffled within windows of `shuffle_window` (an LRU cache of decoded
+                           episodes keeps reads cheap: an episode is decoded once per window, not per step)
     -> Standardize         common keys for every embodiment: state/action normalized with the dataset's
                            statistics and zero-padded to the widest embodiment, with masks
     -> tokenize            a hook `tokenize(sample) -> dict` (the RVQ/SFT stages pass theirs)
@@ -38,7 +38,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from data_pipelines.rlds_builder import DatasetError, EpisodeDataset, open_dataset, stack_steps
+from data_pipelines.rlds_builder import DatasetError, EpisodeDataset, open_dataset
 from gea_jax.envs.spec import EmbodimentSpec
 
 Sample = dict[str, Any]
@@ -76,7 +76,7 @@ class StepWindows(grain.MapDataset):
 
   def __init__(self, data_dir: str | os.PathLike, embodiment: str, split: str = "train", *, history: int = 3,
                shard_index: int = 0, shard_count: int = 1, seed: int = 0, shuffle_episodes: bool = True,
-               num_epochs: int | None = None, cache_episodes: int = 64, include_last_step: bool = False,
+               num_epochs: int | None = None, cache_mb: int = 256, include_last_step: bool = False,
                dataset: EpisodeDataset | None = None):
     super().__init__()
     if history < 1:
@@ -88,7 +88,7 @@ class StepWindows(grain.MapDataset):
     self._seed = int(seed)
     self._shuffle = shuffle_episodes
     self._num_epochs = num_epochs
-    self._cache_size = max(1, int(cache_episodes))
+    self._cache_bytes = int(cache_mb) << 20
     ds = dataset or open_dataset(data_dir, embodiment)
     self.spec: EmbodimentSpec = ds.spec
     self.normalization = ds.normalization
@@ -106,7 +106,8 @@ class StepWindows(grain.MapDataset):
     self._init_runtime()
 
   def _init_runtime(self):
-    self._cache: collections.OrderedDict[int, Any] = collections.OrderedDict()
+    self._cache: collections.OrderedDict[int, tuple[dict, int]] = collections.OrderedDict()
+    self._cached_bytes = 0
     self._lock = threading.Lock()
     self._epoch_order: collections.OrderedDict[int, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
 
@@ -158,20 +159,25 @@ class StepWindows(grain.MapDataset):
     start = int(ends[j - 1]) if j > 0 else 0
     return int(self.episode_ids[perm[j]]), r - start
 
-  def _episode(self, episode: int):
+  def _episode(self, episode: int) -> dict[str, Any]:
+    """The decoded episode, from a per-process LRU cache bounded by `cache_mb`."""
     with self._lock:
-      ep = self._cache.get(episode)
-      if ep is not None:
+      hit = self._cache.get(episode)
+      if hit is not None:
         self._cache.move_to_end(episode)
-        return ep
+        return hit[0]
       if self._ds is None:
         self._ds = open_dataset(self._data_dir, self._embodiment, check_files=False)
       ds = self._ds
-    ep = ds.episode(self._split, episode)
+    ep = ds.episode_arrays(self._split, episode)
+    size = sum(v.nbytes for v in ep.values() if isinstance(v, np.ndarray))
     with self._lock:
-      self._cache[episode] = ep
-      while len(self._cache) > self._cache_size:
-        self._cache.popitem(last=False)
+      if episode not in self._cache:
+        self._cache[episode] = (ep, size)
+        self._cached_bytes += size
+      while self._cached_bytes > self._cache_bytes and len(self._cache) > 1:
+        _, (_, old) = self._cache.popitem(last=False)
+        self._cached_bytes -= old
     return ep
 
   def __getitem__(self, index):
@@ -180,12 +186,12 @@ class StepWindows(grain.MapDataset):
     episode, t = self.locate(index)
     ep = self._episode(episode)
     lo = max(0, t - self._history + 1)
-    rows = [ep["steps"][s] for s in range(lo, t + 1)]
-    window = stack_steps(rows, self.spec.state_dim)
-    pad = self._history - len(rows)
-    if pad:
-      window = {k: (_pad_front(v, pad) if isinstance(v, np.ndarray) else [v[0]] * pad + v)
-                for k, v in window.items()}
+    pad = self._history - (t + 1 - lo)
+    window = {}
+    for k in ("image", "state", "action", "reward", "discount", "is_first", "is_last", "is_terminal"):
+      x = ep[k][lo: t + 1]
+      window[k] = _pad_front(x, pad) if pad else x
+    window["language_instruction"] = ep["language_instruction"][t]
     window["history_mask"] = np.arange(self._history) >= pad
     window["episode_index"] = np.int32(episode)
     window["step_index"] = np.int32(t)
@@ -300,7 +306,7 @@ class Standardize(grain.transforms.Map):
         "action_indices": indices,
         "action_mask": action_mask,
         "is_discrete": np.bool_(not self.spec.action_space.is_continuous),
-        "instruction": w["language_instruction"][-1],
+        "instruction": w["language_instruction"],
         "embodiment_id": np.int32(self.embodiment_id),
         "reward": np.float32(w["reward"][-1]),
         "discount": np.float32(w["discount"][-1]),
@@ -397,7 +403,7 @@ def make_dataset(data_dir: str | os.PathLike, embodiments: Sequence[str], weight
                  shuffle: bool = True, shuffle_window: int = 1024, num_epochs: int | None = None,
                  normalization: str = "mean_std", image_size: tuple[int, int] | None = None,
                  sequence_keys: tuple[str, ...] = DEFAULT_SEQUENCE_KEYS,
-                 cache_episodes: int = 64, include_last_step: bool = False) -> tuple[grain.MapDataset, PipelineInfo]:
+                 cache_mb: int = 256, include_last_step: bool = False) -> tuple[grain.MapDataset, PipelineInfo]:
   """The pipeline as a `grain.MapDataset` (of batches when `batch_size`, else of samples) and its info.
 
   See `make_train_iterator` for the arguments. With `num_epochs=None` the dataset is infinite.
@@ -427,7 +433,7 @@ def make_dataset(data_dir: str | os.PathLike, embodiments: Sequence[str], weight
     emb_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
     part = StepWindows(data_dir, name, split, history=history, shard_index=shard_index, shard_count=shard_count,
                        seed=emb_seed, shuffle_episodes=shuffle, num_epochs=num_epochs,
-                       cache_episodes=cache_episodes, include_last_step=include_last_step, dataset=ds)
+                       cache_mb=cache_mb, include_last_step=include_last_step, dataset=ds)
     steps.append(part.steps_per_epoch)
     if shuffle and shuffle_window > 1:
       part = WindowShuffle(part, window_size=shuffle_window, seed=emb_seed)
@@ -470,7 +476,7 @@ def make_train_iterator(data_dir: str | os.PathLike, embodiments: Sequence[str] 
       depend on it.
     worker_buffer_size, read_threads, prefetch_buffer_size: grain buffering options.
     **kwargs: passed to `make_dataset` (shuffle, shuffle_window, num_epochs, normalization, image_size,
-      sequence_keys, cache_episodes, include_last_step).
+      sequence_keys, cache_mb, include_last_step).
 
   The iterator's `get_state()` is a small dict (put it in the checkpoint); `set_state(state)` on a fresh
   iterator built with the same arguments resumes with exactly the batches the old one would have yielded.

@@ -79,6 +79,10 @@ def test_round_trip(data_dir, spec):
       assert meta["embodiment"] == spec.name.encode() and meta["expert"] == b"synthetic"
       assert meta["seed"] == raw[i]["seed"] and meta["episode_id"] == i and meta["success"] == raw[i]["success"]
       assert json.loads(meta["task"]) == raw[i]["task"]
+      fast = ds.episode_arrays(split, i)  # the pipeline's one-call decode agrees with TFDS's lazy steps
+      for k, v in got.items():
+        np.testing.assert_array_equal(fast[k], v, err_msg=k)
+      assert fast["episode_metadata"]["seed"] == raw[i]["seed"]
 
 
 def test_tfds_reads_it_back(data_dir):
@@ -196,9 +200,10 @@ def test_truncated_file(data_dir, tmp_path):
     rb.open_dataset(dst, "toy_arm")
   # Without the size check, reading still fails with the file named, never returns garbage.
   ds = rb.open_dataset(dst, "toy_arm", check_files=False)
-  with pytest.raises(rb.DatasetError, match=f"cannot read episode .*{f.name}"):
-    for i in range(ds.num_episodes("train")):
-      ds.episode("train", i)
+  for read in (ds.episode, ds.episode_arrays):
+    with pytest.raises(rb.DatasetError, match=f"cannot read episode .*{f.name}"):
+      for i in range(ds.num_episodes("train")):
+        read("train", i)
 
 
 def test_corrupted_file(data_dir, tmp_path):
@@ -209,9 +214,10 @@ def test_corrupted_file(data_dir, tmp_path):
     data[j] ^= 0xFF
   f.write_bytes(bytes(data))  # same size: only the record checksums can tell
   ds = rb.open_dataset(dst, "toy_arm")
-  with pytest.raises(rb.DatasetError, match=f"cannot read episode .*{f.name}.*corrupted"):
-    for i in range(ds.num_episodes("train")):
-      ds.episode("train", i)
+  for read in (ds.episode, ds.episode_arrays):
+    with pytest.raises(rb.DatasetError, match=f"cannot read episode .*{f.name}.*corrupted"):
+      for i in range(ds.num_episodes("train")):
+        read("train", i)
 
 
 def test_crashed_build_is_never_read_as_complete(tmp_path):
