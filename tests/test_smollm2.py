@@ -50,7 +50,9 @@ def run():
   model = load_causal_lm(path, jnp.float32)
   prompt_ids = tok.encode(tok.apply_chat_template(QUESTION, add_generation_prompt=True))
   new_ids, logits = greedy_generate(model, prompt_ids, MAX_NEW_TOKENS, tok.eos_id)
-  ref = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+  ref = transformers.AutoModelForCausalLM.from_pretrained(
+    os.path.dirname(path), gguf_file=os.path.basename(path)
+  )
   ref.eval()
   with torch.no_grad():
     ref_logits = ref(torch.tensor([prompt_ids])).logits[0].numpy()
@@ -62,7 +64,9 @@ def run():
       eos_token_id=tok.eos_id,
       pad_token_id=tok.eos_id,
     )[0, len(prompt_ids) :].tolist()
-  return dict(tok=tok, prompt_ids=prompt_ids, new_ids=new_ids, logits=logits, ref_logits=ref_logits, ref_gen=ref_gen)
+  return dict(
+    tok=tok, prompt_ids=prompt_ids, new_ids=new_ids, logits=logits, ref_logits=ref_logits, ref_gen=ref_gen
+  )
 
 
 def test_answers_paris(run):
