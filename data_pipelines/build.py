@@ -60,9 +60,9 @@ def build(embodiments: Sequence[str], episodes: int, data_dir: str, *, seed: int
           splits: Sequence[str] | None = None, chunk: int = 16, overwrite: bool = False, progress: bool = True,
           rollout: RolloutFn | None = None) -> dict[str, Any]:
   """Builds one dataset per embodiment; returns a summary (paths, episode counts, expert success rates)."""
-  from gea_jax.envs import registry
-
   import tensorflow_datasets as tfds
+
+  from gea_jax.envs import registry
 
   tfds.disable_progress_bar()  # our own tqdm bar counts episodes with an ETA
   known = registry.names()

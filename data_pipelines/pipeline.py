@@ -480,6 +480,8 @@ def make_train_iterator(data_dir: str | os.PathLike, embodiments: Sequence[str] 
 
   The iterator's `get_state()` is a small dict (put it in the checkpoint); `set_state(state)` on a fresh
   iterator built with the same arguments resumes with exactly the batches the old one would have yielded.
+  The state's format depends on whether worker processes are used (grain's mp_prefetch keeps one position
+  per worker): resume with the same `num_workers > 0` / `== 0` choice.
   """
   ds, _ = make_dataset(data_dir, embodiments, weights, batch_size=batch_size, seq_len=seq_len, history=history,
                        tokenize=tokenize, seed=seed, split=split, shard_index=shard_index,

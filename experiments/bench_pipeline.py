@@ -60,10 +60,10 @@ def ensure_datasets(data_dir: str, embodiments: list[str], episodes: int, seed: 
 
 
 def measure(data_dir: str, embodiments: list[str], *, batch_size: int, num_workers: int, warmup_batches: int,
-            batches: int, history: int, seed: int) -> dict:
+            batches: int, history: int, seed: int, cache_mb: int) -> dict:
   """Samples/s of the training iterator after `warmup_batches`, over `batches` batches."""
   it = pl.make_train_iterator(data_dir, embodiments, batch_size=batch_size, history=history, seed=seed,
-                              shard_index=0, shard_count=1, num_workers=num_workers)
+                              shard_index=0, shard_count=1, num_workers=num_workers, cache_mb=cache_mb)
   try:
     t0 = time.perf_counter()
     for _ in range(warmup_batches):
@@ -91,13 +91,15 @@ def main(argv=None) -> dict:
   p.add_argument("--batches", type=int, default=100)
   p.add_argument("--history", type=int, default=3)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--cache_mb", type=int, default=256,
+                 help="decoded-episode cache per process; 0 keeps only the last decoded episode (worst case)")
   p.add_argument("--trainer_samples_per_s", type=float, default=None,
                  help="the SFT step's consumption rate, if measured elsewhere")
   a = p.parse_args(argv)
   embodiments = [e for e in a.embodiments.split(",") if e]
   ensure_datasets(a.data_dir, embodiments, a.episodes, a.seed)
   common = dict(batch_size=a.batch_size, warmup_batches=a.warmup_batches, batches=a.batches, history=a.history,
-                seed=a.seed)
+                seed=a.seed, cache_mb=a.cache_mb)
   runs = [measure(a.data_dir, embodiments, num_workers=0, **common)]
   if a.num_workers > 0:
     runs.append(measure(a.data_dir, embodiments, num_workers=a.num_workers, **common))
@@ -116,6 +118,7 @@ def main(argv=None) -> dict:
       "num_workers": a.num_workers,
       "batch_size": a.batch_size,
       "history": a.history,
+      "cache_mb": a.cache_mb,
       "embodiments": embodiments,
       "cpu_count": os.cpu_count(),
   }

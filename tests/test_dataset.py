@@ -253,3 +253,18 @@ def test_bad_episode_names_the_key(tmp_path):
 def test_existing_dataset_is_kept(data_dir):
   with pytest.raises(FileExistsError, match="overwrite"):
     rb.build_dataset(data_dir, ARM, synthetic_episodes(ARM), COUNTS, progress=False)
+
+
+def test_chunked_rollouts_keep_episode_seeds():
+  from data_pipelines.build import chunked_episodes
+
+  calls = []
+
+  def rollout(name, n, seed, task_split):  # like experts.rollout: episode i resets with seed + i
+    calls.append((n, seed, task_split))
+    return [{"seed": seed + i, "task_split": task_split} for i in range(n)]
+
+  eps = list(chunked_episodes(rollout, "toy_arm", chunk=4)("heldout_seed", 10, 100))
+  assert [e["seed"] for e in eps] == list(range(100, 110))
+  assert calls == [(4, 100, "heldout_seed"), (4, 104, "heldout_seed"), (4, 108, "heldout_seed")]
+  assert [e["seed"] for e in chunked_episodes(rollout, "toy_arm", chunk=16)("train", 3, 7)] == [7, 8, 9]
