@@ -157,3 +157,16 @@ def test_sharded_forward_equals_single_device(hf_vision):
     out = nnx.jit(lambda m, x: m(x).last_hidden_state)(model, sharding.shard_batch(x, mesh))
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
   assert jax.device_count() == 8
+
+
+def test_export_round_trip(hf_vision, tmp_path):
+  from gea_jax.interop.siglip import save_siglip_vision
+  _, path = hf_vision
+  model = load_siglip_vision(path)
+  save_siglip_vision(model, tmp_path / "out")
+  reloaded = transformers.SiglipVisionModel.from_pretrained(tmp_path / "out").eval()
+  _compare(reloaded, model, rng=5)
+  again = load_siglip_vision(tmp_path / "out")
+  for (p1, a), (p2, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(again))):
+    assert p1 == p2
+    np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()))

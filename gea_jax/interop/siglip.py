@@ -1,6 +1,7 @@
 """Import an HF SigLIP vision tower (config.json + safetensors) into `gea_jax.models.siglip`.
 
-`load_siglip_vision(path)` accepts the directory of a ``SiglipVisionModel`` or of a full ``SiglipModel``
+`save_siglip_vision(model, path)` writes the directory back (transformers' ``SiglipVisionModel.from_pretrained``
+loads it). `load_siglip_vision(path)` accepts the directory of a ``SiglipVisionModel`` or of a full ``SiglipModel``
 (only its ``vision_model.*`` tensors are read; the text tower and ``logit_scale``/``logit_bias`` are
 skipped). Key checking is strict: a missing or unexpected vision tensor, or a tensor of the wrong
 shape, is a ``ValueError`` naming the tensor, the file and both shapes.
@@ -170,3 +171,33 @@ def load_siglip_vision(path: str | Path, dtype=jnp.float32) -> SiglipVisionModel
   files = sorted(set(origin.values()))
   source = str(directory / (files[0] if len(files) == 1 else "model.safetensors.index.json"))
   return assign_strict(abstract, tensors, siglip_key, source, display)
+
+
+_INVERSE = {"patch": lambda w: w.transpose(3, 2, 0, 1), "linear": lambda w: w.T, "none": lambda x: x}
+
+
+def _export_kind(path: PathT) -> str:
+  names = [str(p) for p in path]
+  if names[-1] != "kernel":
+    return "none"
+  return "patch" if names[:2] == ["embeddings", "patch_embedding"] else "linear"
+
+
+def save_siglip_vision(model: SiglipVisionModel, path: str | Path) -> Path:
+  """Write ``model`` as an HF ``SiglipVisionModel`` directory (config.json + model.safetensors)."""
+  import jax
+  from safetensors.flax import save_file
+
+  directory = Path(path)
+  directory.mkdir(parents=True, exist_ok=True)
+  tensors = {}
+  for var_path, var in nnx.to_flat_state(nnx.state(model)):
+    key, _ = siglip_key(var_path)
+    value = jax.device_get(var.get_value())
+    tensors[key] = jnp.asarray(np.ascontiguousarray(_INVERSE[_export_kind(var_path)](np.asarray(value))))
+  dtypes = {str(v.dtype) for v in tensors.values()}
+  config = model.config.to_hf_dict()
+  config["dtype"] = dtypes.pop() if len(dtypes) == 1 else "float32"
+  (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+  save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+  return directory
