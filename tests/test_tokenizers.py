@@ -134,14 +134,27 @@ def test_hf_dir_bad_special_token_is_named(tmp_path):
     load_text_tokenizer(tmp_path)
 
 
-def test_sentencepiece_round_trip(tmp_path):
-  corpus = tmp_path / "corpus.txt"
+SP_TEXTS = [
+  "The lazy dog",
+  "ünïcödé 日本 😀",
+  "digits 0123456789",
+  "Hello\nworld",
+  "fox, box; jugs!",
+  "  two  spaces ",
+]
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+  """A Llama-style SentencePiece BPE model (byte fallback, identity normalization) trained here."""
+  tmp = tmp_path_factory.mktemp("sp")
+  corpus = tmp / "corpus.txt"
   corpus.write_text(
     ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen jugs.\n") * 100
   )
   spm.SentencePieceTrainer.train(
     input=str(corpus),
-    model_prefix=str(tmp_path / "sp"),
+    model_prefix=str(tmp / "sp"),
     vocab_size=320,
     model_type="bpe",
     byte_fallback=True,  # Llama-style: unseen characters become byte tokens
@@ -154,7 +167,11 @@ def test_sentencepiece_round_trip(tmp_path):
     pad_id=-1,
     minloglevel=2,
   )
-  path = tmp_path / "sp.model"
+  return tmp / "sp.model"
+
+
+def test_sentencepiece_round_trip(sp_model):
+  path = sp_model
   tok = load_text_tokenizer(path)
   proc = spm.SentencePieceProcessor(model_file=str(path))
   assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, 320)
@@ -222,7 +239,45 @@ def test_gguf_without_or_with_unsupported_tokenizer_is_named(tmp_path):
   _write_gguf(q, tokenizer_model="gpt2", tokenizer_pre="mystery", token_list=["a", "b"], token_merges=["a b"])
   with pytest.raises(TokenizerError, match=r"odd-pre\.gguf: GGUF pre-tokenizer 'mystery'"):
     load_text_tokenizer(q)
-  r = tmp_path / "spm.gguf"
-  _write_gguf(r, tokenizer_model="llama", token_list=["a", "b"])
-  with pytest.raises(TokenizerError, match=r"spm\.gguf: GGUF tokenizer type 'llama'"):
+  r = tmp_path / "unigram.gguf"
+  _write_gguf(r, tokenizer_model="t5", token_list=["a", "b"])
+  with pytest.raises(TokenizerError, match=r"unigram\.gguf: GGUF tokenizer type 't5'"):
     load_text_tokenizer(r)
+  s = tmp_path / "no-scores.gguf"
+  _write_gguf(s, tokenizer_model="llama", token_list=["a", "b"])
+  with pytest.raises(TokenizerError, match=r"no-scores\.gguf: tokenizer\.ggml\.scores"):
+    load_text_tokenizer(s)
+
+
+def test_gguf_sentencepiece_vocab_equals_sentencepiece(tmp_path, sp_model):
+  """A GGUF with llama.cpp's "llama" (SentencePiece) tokenizer, written from a real .model, tokenizes
+  as SentencePiece does; and as transformers' GGUF tokenizer does, except for text starting with a space
+  (transformers' Metaspace drops the dummy prefix there; llama.cpp and SentencePiece keep it)."""
+  proc = spm.SentencePieceProcessor(model_file=str(sp_model))
+  n = proc.get_piece_size()
+  kinds = [
+    2 if proc.is_unknown(i) else 3 if proc.is_control(i) else 6 if proc.is_byte(i) else 1 for i in range(n)
+  ]
+  path = tmp_path / "spm.gguf"
+  _write_gguf(
+    path,
+    tokenizer_model="llama",
+    token_list=[proc.id_to_piece(i) for i in range(n)],
+    token_scores=[proc.get_score(i) for i in range(n)],
+    token_types=kinds,
+    bos_token_id=1,
+    eos_token_id=2,
+    unk_token_id=0,
+  )
+  tok = load_text_tokenizer(path)
+  ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+  assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, n)
+  for text in SP_TEXTS + ["Thequickbrownfox", ""]:
+    ids = tok.encode(text)
+    assert ids == proc.encode(text), text
+    assert tok.decode(ids) == proc.decode(ids) == text
+    assert tok.encode(text, add_special_tokens=True) == [1] + ids  # llama.cpp adds BOS by default here
+    if not text.startswith(" "):
+      assert ids == ref.encode(text, add_special_tokens=False), text
+      assert tok.encode(text, add_special_tokens=True) == ref.encode(text), text
+  assert tok.encode("</s>") == [2]  # control tokens in the text stay whole

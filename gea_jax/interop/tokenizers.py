@@ -8,6 +8,8 @@ metadata (`tokenizer.ggml.*`). For llama.cpp's byte-level BPE (`tokenizer.ggml.m
 the equivalent `tokenizers` pipeline: the pre-tokenizer named by `tokenizer.ggml.pre` (e.g. SmolLM's
 "smollm": single digits, then GPT-2's byte-level split), a BPE model over the file's vocab and merges, and
 the tokens marked CONTROL / USER_DEFINED as added tokens so that `<|im_start|>` stays one token.
+For llama.cpp's SentencePiece vocabularies (`"llama"`: Llama 2, Mistral) the BPE merges are recovered
+from the token scores, with byte fallback and the dummy-prefix space as llama.cpp applies it.
 """
 
 from __future__ import annotations
@@ -418,34 +420,30 @@ def _byte_level_pre_tokenizer(kind: str):
   )
 
 
-def _from_gguf(path: str) -> HFTextTokenizer:
-  from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+def _scored_merges(vocab: dict[str, int], scores: Sequence[float]) -> list[tuple[str, str]]:
+  """BPE merges implied by a SentencePiece vocabulary: every split of a piece into two pieces, ranked by
+  the merged piece's score (SentencePiece's BPE merges the highest-scoring pair first)."""
+  ranked = []
+  for piece, i in vocab.items():
+    for cut in range(1, len(piece)):
+      left, right = piece[:cut], piece[cut:]
+      if left in vocab and right in vocab:
+        ranked.append((-float(scores[i]), vocab[left], vocab[right], left, right))
+  ranked.sort()
+  return [(left, right) for *_, left, right in ranked]
 
-  from gea_jax.interop.gguf import gguf_metadata, open_gguf
 
-  meta = gguf_metadata(open_gguf(path))
-  kind = meta.get("tokenizer.ggml.model")
-  if kind is None:
-    raise TokenizerError(f"{path}: GGUF has no tokenizer (missing metadata key 'tokenizer.ggml.model')")
-  if kind != "gpt2":
-    raise TokenizerError(
-      f"{path}: GGUF tokenizer type {kind!r} (tokenizer.ggml.model) is not supported; supported: 'gpt2' (byte-level BPE)"
-    )
-  for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
-    if key not in meta:
-      raise TokenizerError(f"{path}: missing GGUF metadata key {key!r}")
+def _gguf_byte_level(path: str, meta: dict, tokens: list[str]):
+  """llama.cpp's "gpt2" tokenizer: byte-level BPE with the merges from the file."""
+  from tokenizers import Tokenizer, decoders, models
+
+  if "tokenizer.ggml.merges" not in meta:
+    raise TokenizerError(f"{path}: missing GGUF metadata key 'tokenizer.ggml.merges'")
   pre = meta.get("tokenizer.ggml.pre", "default")
   if pre not in _PRE_TOKENIZERS:
     raise TokenizerError(
       f"{path}: GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; supported: {sorted(_PRE_TOKENIZERS)}"
     )
-  tokens: list[str] = meta["tokenizer.ggml.tokens"]
-  types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-  if len(types) != len(tokens):
-    raise TokenizerError(
-      f"{path}: tokenizer.ggml.token_type has {len(types)} entries, tokenizer.ggml.tokens has {len(tokens)}"
-    )
-
   # A byte-level vocabulary spells every token in GPT-2's byte alphabet; respell any that is not.
   spelling = bytes_to_unicode()
   alphabet = set(spelling.values())
@@ -461,7 +459,6 @@ def _from_gguf(path: str) -> HFTextTokenizer:
         f"{path}: tokenizer.ggml.merges[{j}] = {m!r} is not two tokens separated by a space"
       )
     merges.append((parts[0], parts[1]))
-
   family = _PRE_TOKENIZERS[pre]
   tok = Tokenizer(
     models.BPE(
@@ -476,13 +473,80 @@ def _from_gguf(path: str) -> HFTextTokenizer:
   )
   tok.pre_tokenizer = _byte_level_pre_tokenizer(family)
   tok.decoder = decoders.ByteLevel()
+  # A CONTROL token outside the byte alphabet is a llama.cpp mislabel, not in the BPE vocab: not added.
+  return tok, lambda t: set(t) <= alphabet
+
+
+def _gguf_sentencepiece(path: str, meta: dict, tokens: list[str]):
+  """llama.cpp's "llama" tokenizer: a SentencePiece BPE vocabulary with scores and <0xNN> byte pieces."""
+  from tokenizers import Tokenizer, decoders, models, normalizers
+
+  scores = meta.get("tokenizer.ggml.scores")
+  if scores is None or len(scores) != len(tokens):
+    raise TokenizerError(
+      f"{path}: tokenizer.ggml.scores must give one score per token ({len(tokens)}), "
+      f"got {None if scores is None else len(scores)}"
+    )
+  vocab = {}
+  for i, t in enumerate(tokens):
+    vocab.setdefault(t, i)
+  unk = meta.get("tokenizer.ggml.unknown_token_id")
+  tok = Tokenizer(
+    models.BPE(
+      vocab=vocab,
+      merges=_scored_merges(vocab, scores),
+      unk_token=tokens[int(unk)] if unk is not None else None,
+      fuse_unk=True,
+      byte_fallback=True,
+      dropout=None,
+    )
+  )
+  prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+  # As llama.cpp (and SentencePiece's add_dummy_prefix): spaces become "\u2581" and every text fragment
+  # (the whole text, or the text after a special token) gets one "\u2581" prepended, even when it starts
+  # with a space. (transformers' Metaspace skips the prefix there, so "  a" differs by one token.)
+  steps = [normalizers.Prepend("\u2581")] if prefix else []
+  tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "\u2581")])
+  tok.pre_tokenizer = None
+  steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+  if prefix:
+    steps.append(decoders.Strip(content=" ", left=1))
+  tok.decoder = decoders.Sequence(steps)
+  return tok, lambda t: True
+
+
+_GGUF_TOKENIZERS = {"gpt2": _gguf_byte_level, "llama": _gguf_sentencepiece}
+
+
+def _from_gguf(path: str) -> HFTextTokenizer:
+  from tokenizers import AddedToken, processors
+
+  from gea_jax.interop.gguf import gguf_metadata, open_gguf
+
+  meta = gguf_metadata(open_gguf(path))
+  kind = meta.get("tokenizer.ggml.model")
+  if kind is None:
+    raise TokenizerError(f"{path}: GGUF has no tokenizer (missing metadata key 'tokenizer.ggml.model')")
+  if kind not in _GGUF_TOKENIZERS:
+    raise TokenizerError(
+      f"{path}: GGUF tokenizer type {kind!r} (tokenizer.ggml.model) is not supported; supported: "
+      "'gpt2' (byte-level BPE), 'llama' (SentencePiece BPE)"
+    )
+  if "tokenizer.ggml.tokens" not in meta:
+    raise TokenizerError(f"{path}: missing GGUF metadata key 'tokenizer.ggml.tokens'")
+  tokens: list[str] = meta["tokenizer.ggml.tokens"]
+  types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+  if len(types) != len(tokens):
+    raise TokenizerError(
+      f"{path}: tokenizer.ggml.token_type has {len(types)} entries, tokenizer.ggml.tokens has {len(tokens)}"
+    )
+  tok, addable = _GGUF_TOKENIZERS[kind](path, meta, tokens)
   # CONTROL tokens are special (kept whole, skippable on decode); USER_DEFINED ones are kept whole too.
-  # A CONTROL token outside the byte alphabet is a llama.cpp mislabel and not in the BPE vocab: skip it.
   tok.add_special_tokens(
     [
       AddedToken(t, normalized=False, special=True)
       for t, ty in zip(tokens, types)
-      if ty == _TOKEN_CONTROL and set(t) <= alphabet
+      if ty == _TOKEN_CONTROL and addable(t)
     ]
   )
   tok.add_tokens(
@@ -507,7 +571,8 @@ def _from_gguf(path: str) -> HFTextTokenizer:
   eos_token, eos_id = special("eos_token_id")
   unk_token, _ = special("unknown_token_id")
   pad_token, pad_id = special("padding_token_id")
-  if meta.get("tokenizer.ggml.add_bos_token", False) and bos_id is not None:
+  # llama.cpp adds BOS to a SentencePiece vocabulary unless the file says otherwise.
+  if meta.get("tokenizer.ggml.add_bos_token", kind == "llama") and bos_id is not None:
     tok.post_processor = processors.TemplateProcessing(
       single=f"{bos_token}:0 $A:0", pair=f"{bos_token}:0 $A:0 $B:1", special_tokens=[(bos_token, bos_id)]
     )
