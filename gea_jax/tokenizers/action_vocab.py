@@ -25,6 +25,7 @@ from typing import Any, Literal, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from gea_jax.envs.spec import EmbodimentSpec
 from gea_jax.tokenizers.rvq import ActionTokenizer, max_action_dim
@@ -253,32 +254,33 @@ class ActionVocab:
 
   # --- encode / decode ---------------------------------------------------------------------------
 
-  def _emb_array(self, embodiment, batch: int | None) -> jax.Array:
-    """Embodiment argument -> int32 [b]; validates concrete values."""
+  def _emb_array(self, embodiment, batch: int | None):
+    """Embodiment argument -> int32 [b] (numpy when concrete, validated; jnp under a trace)."""
     if isinstance(embodiment, (str, int, np.integer)) and not isinstance(embodiment, bool):
       i = self.embodiment_index(embodiment)
-      n = 1 if batch is None else batch
-      return jnp.full((n,), i, jnp.int32)
-    emb = jnp.asarray(embodiment)
-    if emb.ndim != 1 or not jnp.issubdtype(emb.dtype, jnp.integer):
+      return np.full((1 if batch is None else batch,), i, np.int32)
+    concrete = _is_concrete(embodiment)
+    emb = np.asarray(embodiment) if concrete else jnp.asarray(embodiment)
+    if emb.ndim != 1 or not np.issubdtype(emb.dtype, np.integer):
       raise ValueError(f"embodiment ids must be an int array [b], got shape {emb.shape} dtype {emb.dtype}")
     if batch is not None and emb.shape[0] != batch:
       raise ValueError(f"embodiment ids have batch {emb.shape[0]} but the input has batch {batch}")
-    if _is_concrete(embodiment):
-      bad = np.asarray(emb)[(np.asarray(emb) < 0) | (np.asarray(emb) >= len(self.specs))]
+    if concrete:
+      bad = emb[(emb < 0) | (emb >= len(self.specs))]
       if bad.size:
         raise ValueError(f"unknown embodiment id {int(bad[0])}: expected ids in [0, {len(self.specs)}) "
                          f"for {list(self.names)}")
-    return emb.astype(jnp.int32)
+    return emb.astype(np.int32) if concrete else emb.astype(jnp.int32)
 
-  def _pad_actions(self, actions, embodiment, emb) -> jax.Array:
-    a = jnp.asarray(actions, jnp.float32)
+  def _pad_actions(self, actions, embodiment):
+    """Shape checks; pads the last axis to max_dim (numpy for concrete input, jnp under a trace)."""
+    xp = np if _is_concrete(actions) else jnp
+    a = xp.asarray(actions, dtype=xp.float32)
     h = self.chunk_len
     if a.ndim != 3 or a.shape[1] != h:
-      raise ValueError(f"actions must have shape [batch, chunk_len={h}, action_dim], got {a.shape}")
+      raise ValueError(f"actions must have shape [batch, chunk_len={h}, action_dim], got {tuple(a.shape)}")
     d = a.shape[-1]
-    single = isinstance(embodiment, (str, int, np.integer))
-    if single:
+    if isinstance(embodiment, (str, int, np.integer)):
       want = self.action_dim(embodiment)
       if d not in (want, self.max_dim):
         raise ValueError(f"actions of embodiment {self.names[self.embodiment_index(embodiment)]!r} must have "
@@ -287,39 +289,70 @@ class ActionVocab:
       raise ValueError(f"actions of a mixed batch must be zero-padded to the max action dimension "
                        f"{self.max_dim}, got {d}")
     if d < self.max_dim:
-      a = jnp.pad(a, ((0, 0), (0, 0), (0, self.max_dim - d)))
-    return a * self.action_mask(emb)[:, None, :]
+      a = xp.pad(a, ((0, 0), (0, 0), (0, self.max_dim - d)))
+    return a
+
+  def _encode_core(self, tok, a, emb):
+    lay, h, t = self.layout, self.chunk_len, self.max_tokens
+    b = a.shape[0]
+    a = a * self.action_mask(emb)[:, None, :]
+    out = jnp.full((b, t), PAD_ID, jnp.int32)
+    if lay.has_continuous:
+      codes = tok.encode(a, emb)  # [b, H, L]
+      ids = lay.first_id + jnp.arange(lay.num_levels)[None, None] * lay.codebook_size + codes
+      out = out.at[:, : h * lay.num_levels].set(ids.reshape(b, -1).astype(jnp.int32))
+    if self._is_discrete.any():
+      idx = jnp.round(a[:, :, 0]).astype(jnp.int32)  # [b, H]
+      idx = jnp.clip(idx, 0, jnp.asarray(self._disc_n)[emb][:, None] - 1)
+      dids = jnp.asarray(self._disc_off)[emb][:, None] + idx
+      dtok = jnp.full((b, t), PAD_ID, jnp.int32).at[:, :h].set(dids)
+      out = jnp.where(jnp.asarray(self._is_discrete)[emb][:, None], dtok, out)
+    return out
+
+  def _decode_core(self, tok, ids, emb):
+    lay, h = self.layout, self.chunk_len
+    b = ids.shape[0]
+    out = jnp.zeros((b, h, self.max_dim), jnp.float32)
+    if lay.has_continuous:
+      n = h * lay.num_levels
+      levels = (jnp.arange(n) % lay.num_levels)[None]
+      codes = jnp.clip(ids[:, :n] - lay.first_id - levels * lay.codebook_size, 0, lay.codebook_size - 1)
+      out = tok.decode(codes.reshape(b, h, lay.num_levels), emb)
+    if self._is_discrete.any():
+      idx = jnp.clip(ids[:, :h] - jnp.asarray(self._disc_off)[emb][:, None], 0,
+                     jnp.asarray(self._disc_n)[emb][:, None] - 1)
+      dact = jnp.zeros((b, h, self.max_dim), jnp.float32).at[:, :, 0].set(idx.astype(jnp.float32))
+      out = jnp.where(jnp.asarray(self._is_discrete)[emb][:, None, None], dact, out)
+    return out
+
+  @functools.cached_property
+  def _jitted(self):
+    # the tokenizer is an argument (not a closure constant), so later updates of its state are seen
+    return (nnx.jit(lambda tok, a, e: self._encode_core(tok, a, e)),
+            nnx.jit(lambda tok, i, e: self._decode_core(tok, i, e)))
 
   def encode(self, actions, embodiment) -> jax.Array:
     """Actions [b, H, dim] (one embodiment) or [b, H, max_dim] (any) -> token ids [b, max_tokens].
 
     Continuous rows: the tokenizer's codes (raw actions, normalized inside). Discrete rows: the
-    action index is ``actions[:, h, 0]``. Unused positions hold ``PAD_ID``.
+    action index is ``actions[:, h, 0]``. Unused positions hold ``PAD_ID``. Outside jit, input is
+    validated (ValueError) and the work runs in a cached jitted function.
     """
     b = jnp.shape(actions)[0]
     emb = self._emb_array(embodiment, b)
-    a = self._pad_actions(actions, embodiment, emb)
-    lay, h = self.layout, self.chunk_len
-    t = self.max_tokens
-    out = jnp.full((b, t), PAD_ID, jnp.int32)
-    if lay.has_continuous:
-      codes = self.tokenizer.encode(a, emb)  # [b, H, L]
-      ids = lay.first_id + jnp.arange(lay.num_levels)[None, None] * lay.codebook_size + codes
-      out = out.at[:, : h * lay.num_levels].set(ids.reshape(b, -1).astype(jnp.int32))
+    a = self._pad_actions(actions, embodiment)
+    if not _is_concrete(actions, embodiment):
+      return self._encode_core(self.tokenizer, a, emb)
+    emb_np = np.asarray(emb)
     if self._is_discrete.any():
-      idx = jnp.round(a[:, :, 0]).astype(jnp.int32)  # [b, H]
-      if _is_concrete(actions, embodiment):
-        n = self._disc_n[np.asarray(emb)][:, None]
-        bad = np.argwhere(self._is_discrete[np.asarray(emb)][:, None] & ((np.asarray(idx) < 0)
-                                                                        | (np.asarray(idx) >= n)))
-        if bad.size:
-          r = int(bad[0][0])
-          raise ValueError(f"discrete action {int(np.asarray(idx)[tuple(bad[0])])} of row {r} is out of range "
-                           f"[0, {int(n[r, 0])}) for embodiment {self.names[int(np.asarray(emb)[r])]!r}")
-      dids = jnp.asarray(self._disc_off)[emb][:, None] + idx
-      dtok = jnp.full((b, t), PAD_ID, jnp.int32).at[:, :h].set(dids)
-      out = jnp.where(jnp.asarray(self._is_discrete)[emb][:, None], dtok, out)
-    return out
+      idx = np.round(a[:, :, 0]).astype(np.int64)
+      n = self._disc_n[emb_np][:, None]
+      bad = np.argwhere(self._is_discrete[emb_np][:, None] & ((idx < 0) | (idx >= n)))
+      if bad.size:
+        r = int(bad[0][0])
+        raise ValueError(f"discrete action {int(idx[tuple(bad[0])])} of row {r} is out of range "
+                         f"[0, {int(n[r, 0])}) for embodiment {self.names[int(emb_np[r])]!r}")
+    return self._jitted[0](self.tokenizer, a, emb)
 
   def check_ids(self, ids, embodiment) -> None:
     """ValueError if any id at a used position lies outside the embodiment's reserved range there."""
@@ -340,8 +373,10 @@ class ActionVocab:
     index (as a float) in ``[:, h, 0]``. Padded dimensions are 0. Outside jit, ids outside the
     reserved block raise ``ValueError``; inside jit they are clamped into it.
     """
-    ids = jnp.asarray(ids)
-    if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
+    concrete = _is_concrete(ids, embodiment)
+    xp = np if concrete else jnp
+    ids = xp.asarray(ids)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
       raise ValueError(f"token ids must be an int array [batch, tokens], got shape {ids.shape} dtype {ids.dtype}")
     b, t = ids.shape
     emb = self._emb_array(embodiment, b)
@@ -350,22 +385,11 @@ class ActionVocab:
       raise ValueError(f"token ids have {t} positions, expected {need}")
     if t > self.max_tokens:
       raise ValueError(f"token ids have {t} positions, more than max_tokens={self.max_tokens}")
-    ids = jnp.pad(ids, ((0, 0), (0, self.max_tokens - t)), constant_values=PAD_ID)
-    if _is_concrete(ids, embodiment):
-      self.check_ids(ids, emb)
-    lay, h = self.layout, self.chunk_len
-    out = jnp.zeros((b, h, self.max_dim), jnp.float32)
-    if lay.has_continuous:
-      n = h * lay.num_levels
-      levels = (jnp.arange(n) % lay.num_levels)[None]
-      codes = jnp.clip(ids[:, :n] - lay.first_id - levels * lay.codebook_size, 0, lay.codebook_size - 1)
-      out = self.tokenizer.decode(codes.reshape(b, h, lay.num_levels), emb)
-    if self._is_discrete.any():
-      idx = jnp.clip(ids[:, :h] - jnp.asarray(self._disc_off)[emb][:, None], 0,
-                     jnp.asarray(self._disc_n)[emb][:, None] - 1)
-      dact = jnp.zeros((b, h, self.max_dim), jnp.float32).at[:, :, 0].set(idx.astype(jnp.float32))
-      out = jnp.where(jnp.asarray(self._is_discrete)[emb][:, None, None], dact, out)
-    return out
+    ids = xp.pad(ids.astype(xp.int32), ((0, 0), (0, self.max_tokens - t)), constant_values=PAD_ID)
+    if not concrete:
+      return self._decode_core(self.tokenizer, ids, emb)
+    self.check_ids(ids, emb)
+    return self._jitted[1](self.tokenizer, ids, emb)
 
 
 def build_vocab(tokenizer: ActionTokenizer | None, specs: Sequence[EmbodimentSpec] | None = None, *,
