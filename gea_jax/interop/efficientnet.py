@@ -77,7 +77,7 @@ def load_efficientnet_lite0(path: str | Path | None = None, *, dtype=jnp.float32
   """
   path = packaged_weights_path() if path is None else Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f"load_efficientnet_lite0: weights file {path} does not exist")
+    raise FileNotFoundError(f"load_efficientnet_lite0: weights file {path} does not exist or is not a file")
   tensors = _read_state_dict(path)
   config = EfficientNetLiteConfig(num_classes=1000 if include_top else 0)
   if include_top and "_fc.weight" in tensors:
