@@ -341,10 +341,14 @@ class PadToLength(grain.transforms.Map):
 
   seq_len: int
   sequence_keys: tuple[str, ...] = DEFAULT_SEQUENCE_KEYS
+  pad: bool = True  # False: only check lengths and add loss_mask (packing pads later)
 
   def map(self, sample: Sample) -> Sample:
     present = [k for k in self.sequence_keys if k in sample]
     if not present:
+      if not self.pad:
+        raise ValueError(f"packing needs sequence keys {list(self.sequence_keys)} in the tokenized sample; "
+                         f"the tokenize hook returned {sorted(sample)}")
       return sample
     lengths = {k: int(np.shape(sample[k])[0]) for k in present}
     if len(set(lengths.values())) != 1:
@@ -358,6 +362,8 @@ class PadToLength(grain.transforms.Map):
     out = dict(sample)
     if "loss_mask" not in out:
       out["loss_mask"] = np.ones((n,), np.bool_)
+    if not self.pad:
+      return out
     for k in set(present) | {"loss_mask"}:
       x = np.asarray(out[k])
       out[k] = np.concatenate([x, np.zeros((self.seq_len - n, *x.shape[1:]), x.dtype)], axis=0)
@@ -403,7 +409,8 @@ def make_dataset(data_dir: str | os.PathLike, embodiments: Sequence[str], weight
                  shuffle: bool = True, shuffle_window: int = 1024, num_epochs: int | None = None,
                  normalization: str = "mean_std", image_size: tuple[int, int] | None = None,
                  sequence_keys: tuple[str, ...] = DEFAULT_SEQUENCE_KEYS,
-                 cache_mb: int = 256, include_last_step: bool = False) -> tuple[grain.MapDataset, PipelineInfo]:
+                 cache_mb: int = 256, include_last_step: bool = False,
+                 _check_only: bool = False) -> tuple[grain.MapDataset, PipelineInfo]:
   """The pipeline as a `grain.MapDataset` (of batches when `batch_size`, else of samples) and its info.
 
   See `make_train_iterator` for the arguments. With `num_epochs=None` the dataset is infinite.
@@ -442,7 +449,7 @@ def make_dataset(data_dir: str | os.PathLike, embodiments: Sequence[str], weight
   mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
   mixed = mixed.map(Tokenize(tokenize or passthrough_tokenize))
   if seq_len is not None:
-    mixed = mixed.map(PadToLength(int(seq_len), tuple(sequence_keys)))
+    mixed = mixed.map(PadToLength(int(seq_len), tuple(sequence_keys), pad=not _check_only))
   if batch_size is not None:
     mixed = mixed.batch(int(batch_size), drop_remainder=True)
   info = PipelineInfo(embodiments=embodiments, weights=weights, specs=tuple(specs),
@@ -457,7 +464,8 @@ def make_train_iterator(data_dir: str | os.PathLike, embodiments: Sequence[str] 
                         tokenize: Tokenizer | None = None, seed: int = 0, split: str = "train",
                         shard_index: int | None = None, shard_count: int | None = None, num_workers: int = 0,
                         worker_buffer_size: int = 2, read_threads: int = 0, prefetch_buffer_size: int = 4,
-                        **kwargs) -> grain.DatasetIterator:
+                        packing: bool = False, pack_lengths: Mapping[str, int] | None = None,
+                        num_packing_bins: int | None = None, **kwargs) -> grain.DatasetIterator:
   """The training input iterator: yields dicts of numpy arrays with leading dim `batch_size`.
 
   Args:
@@ -475,6 +483,11 @@ def make_train_iterator(data_dir: str | os.PathLike, embodiments: Sequence[str] 
     num_workers: worker processes (grain `mp_prefetch`); 0 reads in this process. The batches do not
       depend on it.
     worker_buffer_size, read_threads, prefetch_buffer_size: grain buffering options.
+    packing: pack several tokenized samples into each row (grain's first-fit packing over
+      `num_packing_bins` bins, default batch_size) instead of one padded sample per row. `pack_lengths`
+      maps every key the hook returns to its length per row (e.g. {"tokens": seq_len, "image": 8}: up to 8
+      images per row); loss_mask is added at seq_len. Each packed key K gets K_segment_ids (0 = padding,
+      1.. = the sample within the row) and K_positions. Packing runs in this process, after the workers.
     **kwargs: passed to `make_dataset` (shuffle, shuffle_window, num_epochs, normalization, image_size,
       sequence_keys, cache_mb, include_last_step).
 
@@ -483,9 +496,16 @@ def make_train_iterator(data_dir: str | os.PathLike, embodiments: Sequence[str] 
   The state's format depends on whether worker processes are used (grain's mp_prefetch keeps one position
   per worker): resume with the same `num_workers > 0` / `== 0` choice.
   """
-  ds, _ = make_dataset(data_dir, embodiments, weights, batch_size=batch_size, seq_len=seq_len, history=history,
-                       tokenize=tokenize, seed=seed, split=split, shard_index=shard_index,
-                       shard_count=shard_count, **kwargs)
+  if packing:
+    if seq_len is None or not pack_lengths:
+      raise ValueError("packing=True needs seq_len and pack_lengths (every key the tokenize hook returns -> its "
+                       "maximum length per row, e.g. {'tokens': seq_len, 'image': 8})")
+    lengths = {"loss_mask": int(seq_len), **{k: int(v) for k, v in pack_lengths.items()}}
+  ds, _ = make_dataset(data_dir, embodiments, weights, batch_size=None if packing else batch_size, seq_len=seq_len,
+                       history=history, tokenize=tokenize, seed=seed, split=split, shard_index=shard_index,
+                       shard_count=shard_count, _check_only=packing, **kwargs)
+  if packing:
+    ds = ds.map(_PackableKeys(tuple(sorted(lengths))))
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size))
   if num_workers > 0:
     from absl import flags
@@ -494,4 +514,25 @@ def make_train_iterator(data_dir: str | os.PathLike, embodiments: Sequence[str] 
       flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
                                                            per_worker_buffer_size=worker_buffer_size))
+  if packing:
+    it_ds = grain.experimental.FirstFitPackIterDataset(
+        it_ds, length_struct=lengths, num_packing_bins=int(num_packing_bins or batch_size), seed=seed,
+        shuffle_bins=True)
+    it_ds = it_ds.batch(int(batch_size), drop_remainder=True)
   return iter(it_ds)
+
+
+@dataclasses.dataclass
+class _PackableKeys(grain.transforms.Map):
+  """Checks that a tokenized sample has exactly the keys of `pack_lengths`, each with a leading axis."""
+
+  keys: tuple[str, ...]
+
+  def map(self, sample: Sample) -> Sample:
+    if tuple(sorted(sample)) != self.keys:
+      raise ValueError(f"packing: the tokenized sample has keys {sorted(sample)}, pack_lengths (+ loss_mask) "
+                       f"has {list(self.keys)}: they must be the same")
+    scalars = [k for k in self.keys if np.ndim(sample[k]) == 0]
+    if scalars:
+      raise ValueError(f"packing: keys {scalars} are scalars; packed keys need a leading axis")
+    return sample

@@ -196,3 +196,32 @@ def test_worker_processes_give_the_same_batches(data_dir):
     assert all(_equal(next(it), w) for w in want[5:])
   finally:
     it.close()
+
+
+def test_packing_fills_rows_with_segments(data_dir):
+  def tok(sample):
+    t = _toy_tokenize(sample)
+    return {"tokens": t["tokens"], "loss_mask": t["loss_mask"], "image": sample["image"][-1:]}
+
+  it = _iter(data_dir, tokenize=tok, seq_len=64, batch_size=3, packing=True,
+             pack_lengths={"tokens": 64, "image": 4})
+  b = next(it)
+  assert b["tokens"].shape == (3, 64) and b["image"].shape == (3, 4, 16, 16, 3)
+  seg = b["tokens_segment_ids"]
+  assert (seg.max(axis=1) >= 2).all()  # rows hold several samples (each ~23 tokens)
+  for row in range(3):
+    n_seg = seg[row].max()
+    # one image per packed sample, same segment numbering; loss only on action tokens of real segments
+    assert (b["image_segment_ids"][row][:n_seg] == np.arange(1, n_seg + 1)).all()
+    assert not b["loss_mask"][row][seg[row] == 0].any()
+    for s in range(1, n_seg + 1):
+      pos = b["tokens_positions"][row][seg[row] == s]
+      np.testing.assert_array_equal(pos, np.arange(len(pos)))
+  state = it.get_state()
+  want = [next(it) for _ in range(2)]
+  again = _iter(data_dir, tokenize=tok, seq_len=64, batch_size=3, packing=True,
+                pack_lengths={"tokens": 64, "image": 4})
+  again.set_state(state)
+  assert all(_equal(w, next(again)) for w in want)
+  with pytest.raises(ValueError, match="packing: the tokenized sample has keys"):
+    next(_iter(data_dir, tokenize=tok, seq_len=64, packing=True, pack_lengths={"tokens": 64}))
