@@ -87,8 +87,8 @@ def main(argv=None) -> dict:
   p.add_argument("--episodes", type=int, default=32, help="train episodes per embodiment if a dataset is built")
   p.add_argument("--batch_size", type=int, default=32)
   p.add_argument("--num_workers", type=int, default=2)
-  p.add_argument("--warmup_batches", type=int, default=5)
-  p.add_argument("--batches", type=int, default=100)
+  p.add_argument("--warmup_batches", type=int, default=20)
+  p.add_argument("--batches", type=int, default=300)
   p.add_argument("--history", type=int, default=3)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--cache_mb", type=int, default=256,
