@@ -1,7 +1,7 @@
 """The grain input pipeline: episode datasets -> per-step samples -> tokens -> fixed-length batches.
 
-One datum's way (all grain `MapDataset`s, so every stage is random access and the iterator state is just
-a position; see `make_train_iterator`):
+One datum's way (grain `MapDataset`s up to the batch, so every stage is random access and the iterator
+state is just a position; see `make_train_iterator`):
 
   EpisodeDataset (TFDS array_record, one per embodiment; data_pipelines.rlds_builder)
     -> StepWindows         per process shard of episodes; each epoch a seeded permutation of them; one
@@ -16,6 +16,7 @@ a position; see `make_train_iterator`):
     -> mix                 weighted mixture across embodiments (grain's deterministic proportional mix)
     -> batch               `batch_size` samples per element (drop remainder)
     -> iterator            optional worker processes (grain `mp_prefetch`); `get_state()/set_state()`
+  (packing=True instead: samples -> iterator/workers -> first-fit packing into rows -> batch)
 
 The standardized sample (before `tokenize`), with k = history, Ds/Da the widest state/action dims:
   image [k,H,W,3] uint8, history_mask [k] bool, state [k,Ds] f32, state_mask [Ds] bool,
@@ -138,7 +139,7 @@ class StepWindows(grain.MapDataset):
       return hit
     n = len(self.episode_ids)
     if self._shuffle:
-      rng = np.random.default_rng(np.random.SeedSequence([self._seed, epoch]))
+      rng = np.random.default_rng(np.random.SeedSequence([self._seed, 0, epoch]))
       perm = rng.permutation(n)
     else:
       perm = np.arange(n)
@@ -230,7 +231,7 @@ class WindowShuffle(grain.MapDataset):
     with self._lock:
       p = self._perms.get(w)
     if p is None:
-      p = np.random.default_rng(np.random.SeedSequence([self._seed, w])).permutation(size)
+      p = np.random.default_rng(np.random.SeedSequence([self._seed, 1, w])).permutation(size)
       with self._lock:
         self._perms[w] = p
         while len(self._perms) > 8:
@@ -410,10 +411,11 @@ def make_dataset(data_dir: str | os.PathLike, embodiments: Sequence[str], weight
                  normalization: str = "mean_std", image_size: tuple[int, int] | None = None,
                  sequence_keys: tuple[str, ...] = DEFAULT_SEQUENCE_KEYS,
                  cache_mb: int = 256, include_last_step: bool = False,
-                 _check_only: bool = False) -> tuple[grain.MapDataset, PipelineInfo]:
+                 pad_sequences: bool = True) -> tuple[grain.MapDataset, PipelineInfo]:
   """The pipeline as a `grain.MapDataset` (of batches when `batch_size`, else of samples) and its info.
 
   See `make_train_iterator` for the arguments. With `num_epochs=None` the dataset is infinite.
+  `pad_sequences=False` only checks the sequence lengths against `seq_len` (packing pads later).
   """
   if isinstance(embodiments, str):
     embodiments = [e for e in embodiments.split(",") if e]
@@ -449,7 +451,7 @@ def make_dataset(data_dir: str | os.PathLike, embodiments: Sequence[str], weight
   mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
   mixed = mixed.map(Tokenize(tokenize or passthrough_tokenize))
   if seq_len is not None:
-    mixed = mixed.map(PadToLength(int(seq_len), tuple(sequence_keys), pad=not _check_only))
+    mixed = mixed.map(PadToLength(int(seq_len), tuple(sequence_keys), pad=pad_sequences))
   if batch_size is not None:
     mixed = mixed.batch(int(batch_size), drop_remainder=True)
   info = PipelineInfo(embodiments=embodiments, weights=weights, specs=tuple(specs),
@@ -503,7 +505,7 @@ def make_train_iterator(data_dir: str | os.PathLike, embodiments: Sequence[str] 
     lengths = {"loss_mask": int(seq_len), **{k: int(v) for k, v in pack_lengths.items()}}
   ds, _ = make_dataset(data_dir, embodiments, weights, batch_size=None if packing else batch_size, seq_len=seq_len,
                        history=history, tokenize=tokenize, seed=seed, split=split, shard_index=shard_index,
-                       shard_count=shard_count, _check_only=packing, **kwargs)
+                       shard_count=shard_count, pad_sequences=not packing, **kwargs)
   if packing:
     ds = ds.map(_PackableKeys(tuple(sorted(lengths))))
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size))
