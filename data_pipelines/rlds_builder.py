@@ -325,11 +325,12 @@ class EpisodeDataset:
                          f"metadata.json says {expected}: the files do not belong together")
     return ep
 
-  def episode_arrays(self, split: str, index: int) -> dict[str, Any]:
+  def episode_arrays(self, split: str, index: int, images: bool = True) -> dict[str, Any]:
     """Episode `index` of `split` decoded at once into stacked arrays (the pipeline's fast path).
 
-    Keys: image [T,H,W,3] uint8, state [T,ds] f32 ([T,0] without state), action [T,da], reward, discount,
-    is_first, is_last, is_terminal [T], language_instruction (list of T str), episode_metadata (dict).
+    Keys: image [T,H,W,3] uint8 (left out when `images=False`, which skips most of the decoding),
+    state [T,ds] f32 ([T,0] without state), action [T,da], reward, discount, is_first, is_last,
+    is_terminal [T], language_instruction (list of T str), episode_metadata (dict).
     Parses the record with TFDS's NumPy example parser and decodes all steps at once (about 3x faster than
     decoding step by step through the lazy `steps` sequence).
     """
@@ -341,25 +342,32 @@ class EpisodeDataset:
       st = ex["steps"]
       # Images are zlib-compressed raw uint8 (see `episode_features`). TFDS's own batched decode turns the
       # decompressed frames into a fixed-width bytes array, which drops trailing zero bytes: decode here.
-      frames = [np.frombuffer(zlib.decompress(b), np.uint8) for b in st["observation"]["image"]]
-      image = np.stack(frames).reshape(len(frames), *self.spec.image_shape)
+      image = None
+      if images:
+        frames = [np.frombuffer(zlib.decompress(b), np.uint8) for b in st["observation"]["image"]]
+        image = np.stack(frames).reshape(len(frames), *self.spec.image_shape)
     except Exception as e:
       raise DatasetError(f"{self.path}: cannot read episode {index} of split {split!r} from "
                          f"{self.files(split)} (truncated or corrupted file?): {type(e).__name__}: {e}") from e
-    T = int(image.shape[0])
+    T = int(len(st["action"]))
     expected = int(self.metadata["episode_lengths"][split][index])
     if T != expected:
       raise DatasetError(f"{self.path}: episode {index} of split {split!r} has {T} steps, "
                          f"metadata.json says {expected}: the files do not belong together")
     ds = self.spec.state_dim
     state = np.asarray(st["observation"]["state"], np.float32).reshape(T, ds) if ds else np.zeros((T, 0), np.float32)
-    out = {"image": image, "state": state,
+    out = {"state": state,
            "action": np.asarray(st["action"]).reshape(T, -1),
            "language_instruction": [x.decode("utf-8") if isinstance(x, bytes) else str(x)
                                     for x in st["language_instruction"]],
            "episode_metadata": dict(ex["episode_metadata"])}
     for k in ("reward", "discount", "is_first", "is_last", "is_terminal"):
       out[k] = np.asarray(st[k]).reshape(T)
+    if image is not None:
+      if image.shape[0] != T:
+        raise DatasetError(f"{self.path}: episode {index} of split {split!r} has {image.shape[0]} images "
+                           f"for {T} steps")
+      out["image"] = image
     return out
 
   def _parser(self):

@@ -83,6 +83,8 @@ def test_round_trip(data_dir, spec):
       for k, v in got.items():
         np.testing.assert_array_equal(fast[k], v, err_msg=k)
       assert fast["episode_metadata"]["seed"] == raw[i]["seed"]
+      light = ds.episode_arrays(split, i, images=False)
+      assert "image" not in light and np.array_equal(light["action"], got["action"])
 
 
 def test_tfds_reads_it_back(data_dir):
