@@ -2,7 +2,7 @@
 
 Brax's own ``envs.training`` wrappers work on jax 0.10.2 but always auto-reset to the *same* initial state
 per env; this wrapper keeps a cache of fresh random reset states (``refresh_resets``, called once per PPO
-iteration: one reset per env, cheap) and swaps it in where an episode ended. ``step`` reports, per env,
+training call: one reset per env, cheap) and swaps it in where an episode ended. ``step`` reports, per env,
 ``reward``, ``termination`` (terminal state: no bootstrap), ``truncation`` (time limit), ``done``, and the
 finished episode's ``episode_return``/``episode_length`` (valid where ``done``).
 """
@@ -24,7 +24,11 @@ class VecEnvState:
   reset_cache: Any  # batched brax State: initial states used by the next auto-resets
   steps: jax.Array  # [B] int32, agent steps * action_repeat in the current episode
   ep_return: jax.Array  # [B] running undiscounted return of the current episode
-  obs: jax.Array  # [B, obs_dim]
+
+  @property
+  def obs(self) -> jax.Array:
+    """``[B, obs_dim]`` current observations (brax's state vector for the env)."""
+    return self.inner.obs
 
 
 @struct.dataclass
@@ -68,18 +72,21 @@ class BraxVecEnv:
     self.observation_size = int(env.observation_size)
     self.action_size = int(env.action_size)
 
-  def _reset_batch(self, key: jax.Array):
+  def reset_batch(self, key: jax.Array):
+    """``num_envs`` fresh brax States (batched)."""
     return jax.vmap(self.env.reset)(jax.random.split(key, self.num_envs))
+
+  def from_reset(self, inner, reset_cache) -> VecEnvState:
+    zeros = jnp.zeros((self.num_envs,), jnp.float32)
+    return VecEnvState(inner=inner, reset_cache=reset_cache, steps=jnp.zeros((self.num_envs,), jnp.int32),
+                       ep_return=zeros)
 
   def reset(self, key: jax.Array) -> VecEnvState:
     k0, k1 = jax.random.split(key)
-    inner = self._reset_batch(k0)
-    zeros = jnp.zeros((self.num_envs,), jnp.float32)
-    return VecEnvState(inner=inner, reset_cache=self._reset_batch(k1), steps=jnp.zeros((self.num_envs,), jnp.int32),
-                       ep_return=zeros, obs=inner.obs)
+    return self.from_reset(self.reset_batch(k0), self.reset_batch(k1))
 
   def refresh_resets(self, state: VecEnvState, key: jax.Array) -> VecEnvState:
-    return state.replace(reset_cache=self._reset_batch(key))
+    return state.replace(reset_cache=self.reset_batch(key))
 
   def _step_one(self, s, a):
     def sub(carry, _):
@@ -101,5 +108,5 @@ class BraxVecEnv:
                     episode_return=ep_return, episode_length=steps.astype(jnp.float32))
     inner = _select(done, state.reset_cache, inner)
     new = VecEnvState(inner=inner, reset_cache=state.reset_cache, steps=jnp.where(done, 0, steps),
-                      ep_return=jnp.where(done, 0.0, ep_return), obs=inner.obs)
+                      ep_return=jnp.where(done, 0.0, ep_return))
     return new, info

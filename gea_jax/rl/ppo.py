@@ -148,7 +148,7 @@ def make_optimizer(config: PPOConfig) -> optax.GradientTransformation:
 
 
 class PPO:
-  """PPO learner for a vectorized env (``reset/step/refresh_resets`` like ``BraxVecEnv``) and an NNX module."""
+  """PPO learner for a vectorized env (``reset_batch/from_reset/step`` like ``BraxVecEnv``) and an NNX module."""
 
   def __init__(self, config: PPOConfig, env, model_factory: Callable[[nnx.Rngs], nnx.Module],
                mesh: Mesh | None = None, rules=shd.DEFAULT_RULES):
@@ -170,6 +170,7 @@ class PPO:
       raise ValueError(f"ppo.num_envs ({config.num_envs}) must be divisible by the {shards} devices of the "
                        f"mesh axes {self._env_axes} that envs are split over")
     self._train_step = None
+    self._reset_fn = None
 
   @property
   def env_steps_per_iteration(self) -> int:
@@ -202,20 +203,32 @@ class PPO:
 
   # --- init --------------------------------------------------------------------------------------------
 
+  def _reset_batch(self, key: jax.Array):
+    """Fresh initial states for all envs: one jitted program, shared by ``init`` and ``refresh``."""
+    if self._reset_fn is None:
+      sh = NamedSharding(self.mesh, PartitionSpec(self._env_axes))
+      self._reset_fn = jax.jit(self.env.reset_batch, in_shardings=self._replicated(), out_shardings=sh)
+    return self._reset_fn(jax.device_put(key, self._replicated()))
+
   def init(self, key: jax.Array) -> PPOState:
-    k_model, k_env, k_state = jax.random.split(key, 3)
+    k_model, k_env, k_cache, k_state = jax.random.split(key, 4)
+    env_state = self.env.from_reset(self._reset_batch(k_env), self._reset_batch(k_cache))
 
     def make():
       model = self.model_factory(nnx.Rngs(k_model))
       params = nnx.state(model, nnx.Param)
-      env_state = self._constrain_envs(self.env.reset(k_env))
       return PPOState(params=params, opt_state=self.optimizer.init(params),
-                      obs_stats=norm.init_stats(self.env.observation_size), env_state=env_state, key=k_state,
+                      obs_stats=norm.init_stats(self.env.observation_size), env_state=None, key=k_state,
                       iteration=jnp.zeros((), jnp.int32))
 
-    abstract = jax.eval_shape(make)
-    shardings = self.state_shardings(abstract)
-    return jax.jit(make, out_shardings=shardings)()
+    rep = self._replicated()
+    state = jax.jit(make, out_shardings=rep)()
+    return self.place(state.replace(env_state=env_state))
+
+  def refresh_resets(self, state: PPOState) -> PPOState:
+    """New random initial states for the auto-resets of the next ``train_step`` (outside the big program)."""
+    cache = self._reset_batch(jax.random.fold_in(state.key, 0x5E5E7))
+    return state.replace(env_state=state.env_state.replace(reset_cache=cache))
 
   def place(self, state: PPOState) -> PPOState:
     """Put a host/restored state onto this learner's mesh."""
@@ -250,8 +263,8 @@ class PPO:
 
   def _iteration(self, state: PPOState, _):
     c = self.config
-    key, k_reset, k_roll, k_sgd = jax.random.split(state.key, 4)
-    env_state = self.env.refresh_resets(state.env_state, k_reset)
+    key, k_roll, k_sgd = jax.random.split(state.key, 3)
+    env_state = state.env_state
     length = c.unrolls_per_iteration * c.unroll_length
     env_state, traj = rollout(self.env.step, self.policy_fn(state.params, state.obs_stats), env_state, k_roll,
                               length)
@@ -290,21 +303,24 @@ class PPO:
     out.update(sums)
     return state, out
 
-  def train_step(self, state: PPOState) -> tuple[PPOState, dict]:
-    """``iterations_per_call`` PPO iterations in one jitted call (state is donated)."""
+  def _jitted_chunk(self, state: PPOState):
     if self._train_step is None:
       shardings = self.state_shardings(state)
       self._train_step = jax.jit(self._train_chunk, in_shardings=(shardings,),
                                  out_shardings=(shardings, self._replicated()), donate_argnums=0)
-    return self._train_step(state)
+    return self._train_step
+
+  def train_step(self, state: PPOState) -> tuple[PPOState, dict]:
+    """Refresh the reset cache, then ``iterations_per_call`` PPO iterations in one jitted call.
+
+    The input state is donated: use the returned one.
+    """
+    state = self.refresh_resets(state)
+    return self._jitted_chunk(state)(state)
 
   def lower(self, state: PPOState):
-    """The lowered train step (for ``.compile()`` timing, cost analysis)."""
-    self.train_step.__func__  # noqa: B018 - keep attribute access cheap
-    shardings = self.state_shardings(state)
-    self._train_step = jax.jit(self._train_chunk, in_shardings=(shardings,),
-                               out_shardings=(shardings, self._replicated()), donate_argnums=0)
-    return self._train_step.lower(state)
+    """The lowered training program (``.compile()`` it to time compilation separately)."""
+    return self._jitted_chunk(state).lower(state)
 
 
 def episode_summary(metrics: dict) -> dict:
