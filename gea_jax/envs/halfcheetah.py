@@ -41,8 +41,9 @@ class HalfCheetah(BraxBody):
 
   def make_renderer(self, image_size):
     flag = Primitive("capsule", (0.03, FLAG_HALF_HEIGHT), (0.95, 0.05, 0.05))
-    return BraxRenderer(self.sys, Camera.side((0.0, 0.0, 0.35), 1.2, pitch_deg=15.0, size=image_size),
-                        colors={0: (0.5, 0.55, 0.45)}, extras=[flag], checker=0.5)
+    # The floor is drawn as a 1 m wide track (|y| <= 0.5) so that the sky shows above it.
+    return BraxRenderer(self.sys, Camera.side((0.0, 0.0, 0.45), 1.0, pitch_deg=20.0, size=image_size),
+                        colors={0: (0.8, 0.8, 0.74)}, sizes={0: (40.0, 0.5)}, extras=[flag], checker=0.5)
 
   def render_state(self, ps, task):
     flag = jnp.stack([task["flag_x"], 0.0, FLAG_HALF_HEIGHT])[None]

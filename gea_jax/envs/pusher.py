@@ -58,7 +58,7 @@ class Pusher(BraxBody):
         colors[g] = (0.1, 0.8, 0.2)
       elif body[g] > 0:
         colors.setdefault(g, (0.3, 0.3, 0.38))
-    return BraxRenderer(self.sys, Camera.top_down((0.35, -0.3, 0.0), 0.45, image_size), colors=colors)
+    return BraxRenderer(self.sys, Camera.top_down((0.4, -0.22, 0.0), 0.4, image_size), colors=colors)
 
   def _positions(self, ps):
     from brax import base

@@ -43,7 +43,7 @@ class Reacher(BraxBody):
     for g in range(1, 5):
       colors[g] = (0.35, 0.35, 0.35)
     return BraxRenderer(self.sys, Camera.top_down((0.0, 0.0, 0.0), 0.33, image_size), colors=colors,
-                        sizes={9: (self.success_radius,)})
+                        sizes={9: (self.success_radius,), 8: (0.015,)})
 
   def tip_pos(self, ps):
     from brax import math
