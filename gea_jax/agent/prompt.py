@@ -92,45 +92,81 @@ class PromptLayout:
                 logit_pos=target_pos - 1)
 
 
-def build_sequence(layout: PromptLayout, text_ids, frame_valid, history_action_ids, target_action_ids=None):
-  """Assemble one example (numpy). Returns input_ids, attention_mask, positions, targets, loss_mask.
+def assemble(layout: PromptLayout, xp, text_ids, text_mask, frame_valid, history_action_ids, action_token_valid,
+             target_action_ids=None):
+  """Batched sequence assembly, for numpy (host pipeline) or jax.numpy (device rollouts): ``xp``.
 
-  Args:
-    text_ids: token ids of the embodiment prompt + instruction (truncated on the left to text_len).
-    frame_valid: bool [history+1]; False for history frames before the episode start.
-    history_action_ids: int [history, T_a] token ids of the actions taken after each history frame.
-    target_action_ids: int [T_a] ids to predict (None when decoding: they stay pad and masked).
+  Args (leading batch dim N):
+    text_ids, text_mask: [N, text_len] left-padded text of the embodiment prompt + instruction.
+    frame_valid: bool [N, history+1]; False for history frames before the episode start.
+    history_action_ids: int [N, history, T_a] ids of the actions taken after each history frame.
+    action_token_valid: bool [N, T_a]; False for action positions the embodiment does not use.
+    target_action_ids: int [N, T_a] ids to predict, or None for a prompt (length prompt_len) to decode from.
+  Returns input_ids, attention_mask, positions (and targets, loss_mask with targets).
   """
   L = layout
-  slots = _SLOT_CACHE.setdefault(L, L.slots())
-  text_ids = np.asarray(text_ids, np.int32)[-L.text_len:]
+  sl = _SLOT_CACHE.setdefault(L, L.slots())
+  n = text_ids.shape[0]
+  frame_valid = xp.asarray(frame_valid).astype(bool)
+  tok_valid = xp.asarray(action_token_valid).astype(bool)
+  hist = xp.asarray(history_action_ids).astype(xp.int32).reshape(n, L.history * L.action_tokens)
+  frame_len = L.frame_len
+  # frame slots (image/state), per frame: placeholder ids, masked by frame validity
+  parts_ids, parts_mask = [xp.asarray(text_ids).astype(xp.int32)], [xp.asarray(text_mask).astype(bool)]
+  for f in range(L.num_frames):
+    parts_ids.append(xp.full((n, frame_len), L.image_placeholder_id, xp.int32))
+    parts_mask.append(xp.repeat(frame_valid[:, f:f + 1], frame_len, axis=1))
+    if f < L.history:
+      ok = frame_valid[:, f:f + 1] & tok_valid
+      parts_ids.append(xp.where(ok, hist[:, f * L.action_tokens:(f + 1) * L.action_tokens], L.pad_id))
+      parts_mask.append(ok)
+  if target_action_ids is not None:
+    tgt = xp.where(tok_valid, xp.asarray(target_action_ids).astype(xp.int32), L.pad_id)
+    parts_ids.append(tgt)
+    parts_mask.append(tok_valid)
+  ids = xp.concatenate(parts_ids, axis=1)
+  mask = xp.concatenate(parts_mask, axis=1).astype(xp.int32)
+  positions = xp.maximum(xp.cumsum(mask, axis=1) - 1, 0).astype(xp.int32)
+  out = dict(input_ids=ids, attention_mask=mask, positions=positions)
+  if target_action_ids is not None:
+    logit_pos = sl["logit_pos"]
+    targets = xp.zeros((n, L.seq_len), xp.int32)
+    loss_mask = xp.zeros((n, L.seq_len), xp.float32)
+    if xp is np:
+      targets[:, logit_pos] = tgt
+      loss_mask[:, logit_pos] = tok_valid
+    else:
+      targets = targets.at[:, logit_pos].set(tgt)
+      loss_mask = loss_mask.at[:, logit_pos].set(tok_valid.astype(xp.float32))
+    out.update(targets=targets, loss_mask=loss_mask)
+  return out
+
+
+def left_pad(ids, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Keep the last ``length`` ids, left-padded: (ids [length], mask [length])."""
+  ids = np.asarray(ids, np.int32)[-length:]
+  out = np.full(length, pad_id, np.int32)
+  mask = np.zeros(length, np.int32)
+  if len(ids):
+    out[length - len(ids):] = ids
+    mask[length - len(ids):] = 1
+  return out, mask
+
+
+def build_sequence(layout: PromptLayout, text_ids, frame_valid, history_action_ids, target_action_ids=None,
+                   action_token_valid=None):
+  """One example on the host (numpy): see `assemble`; ``text_ids`` is unpadded."""
+  L = layout
   frame_valid = np.asarray(frame_valid, bool)
   if frame_valid.shape != (L.num_frames,):
     raise ValueError(f"frame_valid: expected shape ({L.num_frames},), got {frame_valid.shape}")
-  history_action_ids = np.asarray(history_action_ids, np.int32).reshape(L.history, L.action_tokens)
-
-  ids = np.full(L.seq_len, L.pad_id, np.int32)
-  mask = np.zeros(L.seq_len, np.int32)
-  ids[L.text_len - len(text_ids):L.text_len] = text_ids
-  mask[L.text_len - len(text_ids):L.text_len] = 1
-  for f in range(L.num_frames):
-    s = L.frame_start(f)
-    ids[s:s + L.frame_len] = L.image_placeholder_id
-    mask[s:s + L.frame_len] = int(frame_valid[f])
-    if f < L.history:
-      pos = slots["history_action_pos"][f]
-      ids[pos] = history_action_ids[f]
-      mask[pos] = int(frame_valid[f])
-  targets = np.zeros(L.seq_len, np.int32)
-  loss_mask = np.zeros(L.seq_len, np.float32)
-  if target_action_ids is not None:
-    target_action_ids = np.asarray(target_action_ids, np.int32).reshape(L.action_tokens)
-    ids[slots["target_pos"]] = target_action_ids
-    mask[slots["target_pos"]] = 1
-    targets[slots["logit_pos"]] = target_action_ids
-    loss_mask[slots["logit_pos"]] = 1.0
-  positions = np.maximum(np.cumsum(mask) - 1, 0).astype(np.int32)
-  return dict(input_ids=ids, attention_mask=mask, positions=positions, targets=targets, loss_mask=loss_mask)
+  tok_ok = (np.ones(L.action_tokens, bool) if action_token_valid is None
+            else np.asarray(action_token_valid, bool).reshape(L.action_tokens))
+  text, tmask = left_pad(text_ids, L.text_len, L.pad_id)
+  tgt = None if target_action_ids is None else np.asarray(target_action_ids, np.int32).reshape(1, L.action_tokens)
+  out = assemble(L, np, text[None], tmask[None], frame_valid[None],
+                 np.asarray(history_action_ids, np.int32).reshape(1, L.history, L.action_tokens), tok_ok[None], tgt)
+  return {k: v[0] for k, v in out.items()}
 
 
 _SLOT_CACHE: dict[PromptLayout, dict[str, np.ndarray]] = {}

@@ -1,0 +1,89 @@
+"""Default sections (model, data, RVQ, SFT, eval, mesh) of the agent configs, shared by configs/*.py.
+
+Each named config (configs/default.py, configs/gea_smollm2.py, ...) starts from `agent_config()`.
+"""
+
+import ml_collections
+
+from gea_jax.sharding import DEFAULT_RULES
+
+
+def mesh_and_sharding(config):
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices
+  config.sharding = ml_collections.ConfigDict()
+  config.sharding.rules = [[k, list(v) if isinstance(v, tuple) else v] for k, v in DEFAULT_RULES]
+  return config
+
+
+def agent_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.data_dir = ""            # "" = WORKDIR/data (built by the pipeline if missing)
+  c.data.embodiments = "reacher,grid_goto"
+  c.data.weights = ""             # "reacher=1,grid_goto=1"; "" = uniform
+  c.data.episodes = 200           # train episodes per embodiment
+  c.data.heldout_episodes = 32    # per held-out split
+  c.data.history = 3              # k steps in a window, the current one last (GEA: 3)
+  c.data.image_size = 64
+  c.data.normalization = "mean_std"
+
+  c.model = ml_collections.ConfigDict()
+  c.model.train_mode = "full"     # "lora" | "full" | "frozen" (frozen LLM, train the rest: LLaRP)
+  c.model.text_tokenizer = "smollm2"  # "smollm2" | HF dir | SentencePiece .model | .gguf
+  c.model.text_len = 40
+  c.model.use_state = True
+  c.model.value_hidden_dim = 128
+  c.model.llm = ml_collections.ConfigDict()
+  c.model.llm.source = "random"   # "random" (dims below) | "smollm2" | HF dir | .gguf
+  c.model.llm.architecture = "llama"
+  c.model.llm.hidden_size = 128
+  c.model.llm.intermediate_size = 384
+  c.model.llm.num_layers = 3
+  c.model.llm.num_heads = 4
+  c.model.llm.num_kv_heads = 2
+  c.model.llm.dtype = "float32"   # compute dtype; parameters stay float32
+  c.model.llm.remat = False
+  c.model.lora = ml_collections.ConfigDict()
+  c.model.lora.rank = 16
+  c.model.lora.alpha = 32.0
+  c.model.lora.target_modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+  c.model.vision = ml_collections.ConfigDict()
+  c.model.vision.encoder = "tiny_cnn"  # "tiny_cnn" | "efficientnet_lite0" | "siglip"
+  c.model.vision.pool_grid = (2, 2)
+  c.model.vision.image_size = 0        # 0 = the encoder's own / the data's size
+  c.model.vision.channels = (16, 32, 64)
+
+  c.rvq = ml_collections.ConfigDict()
+  c.rvq.num_levels = 2
+  c.rvq.codebook_size = 512
+  c.rvq.steps = 1500
+  c.rvq.batch_size = 512
+  c.rvq.vocab_mode = "extend"
+
+  c.sft = ml_collections.ConfigDict()
+  c.sft.tokenizer_artifact = ""   # set by the pipeline (WORKDIR/rvq/artifact) or by hand
+  c.sft.steps = 1000
+  c.sft.batch_size = 32
+  c.sft.grad_accum = 1
+  c.sft.lr = 1e-3
+  c.sft.warmup_steps = 50
+  c.sft.min_lr_ratio = 0.1
+  c.sft.weight_decay = 0.01
+  c.sft.grad_clip = 1.0
+  c.sft.log_every = 25
+  c.sft.eval_every = 0            # 0 = evaluate only at the end
+  c.sft.checkpoint_every = 250
+  c.sft.keep_checkpoints = 2
+  c.sft.num_workers = 0
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.episodes = 32
+  c.eval.splits = ("heldout_seed", "heldout_combo")
+  c.eval.greedy = True
+  c.eval.expert_episodes = 32
+
+  mesh_and_sharding(c)
+  return c

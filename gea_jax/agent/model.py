@@ -1,0 +1,148 @@
+"""The agent network: the VLM (vision encoder -> projector -> LLM, value head) plus a state token.
+
+It consumes the fixed-slot sequences of `gea_jax.agent.prompt`: image slots receive the projected
+image tokens of their frame, state slots a linear projection of that frame's proprioceptive state,
+every other slot the LLM's token embedding. `build_agent` makes one from a config: a random tiny
+LLM for fast CPU runs, or a pretrained LLM (HF directory / GGUF) whose vocabulary is grown to hold
+the action tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gea_jax.agent.prompt import IMAGE_SLOT, STATE_SLOT, PromptLayout
+from gea_jax.models.llm import CausalLM, LlmConfig, LlmOutput
+from gea_jax.models.lora import LoraConfig, apply_lora
+from gea_jax.models.vlm import VLM, VLMConfig, build_vlm
+from gea_jax.sharding import constrain
+
+
+class AgentModel(nnx.Module):
+  """VLM + state projection over the prompt layout's static slots."""
+
+  def __init__(self, vlm: VLM, layout: PromptLayout, state_dim: int, *, rngs: nnx.Rngs):
+    width = vlm.llm.config.hidden_size
+    self.vlm = vlm
+    self.layout = layout
+    self.state_dim = int(state_dim)
+    init = nnx.with_partitioning(nnx.initializers.normal(0.02), (None, "embed"))
+    self.state_proj = nnx.Linear(max(self.state_dim, 1), width, kernel_init=init, rngs=rngs)
+    slots = layout.slots()
+    if vlm.tokens_per_image != layout.image_tokens:
+      raise ValueError(f"layout.image_tokens={layout.image_tokens} but the VLM gives {vlm.tokens_per_image} "
+                       f"tokens per image (pool_grid={vlm.pool_grid})")
+    self._kind = tuple(int(k) for k in slots["kind"])          # static: part of the graph, not state
+    self._frame = tuple(int(f) for f in slots["frame_index"])
+
+  @property
+  def llm(self) -> CausalLM:
+    return self.vlm.llm
+
+  def embed(self, input_ids: jax.Array, images: jax.Array, states: jax.Array) -> jax.Array:
+    """input_ids [b,S], images [b,F,H,W,3], states [b,F,Ds] -> embeddings [b,S,d]."""
+    b, s = input_ids.shape
+    if s != self.layout.seq_len and s != self.layout.prompt_len:
+      raise ValueError(f"input_ids length {s} matches neither layout.seq_len={self.layout.seq_len} nor "
+                       f"prompt_len={self.layout.prompt_len}")
+    kind = np.asarray(self._kind[:s])
+    image_mask = jnp.broadcast_to(kind == IMAGE_SLOT, (b, s))
+    x = self.vlm.embed_inputs(input_ids, images, image_mask)
+    if self.layout.use_state:
+      st = states.astype(jnp.float32)
+      if st.shape[-1] < self.state_dim:
+        st = jnp.pad(st, ((0, 0), (0, 0), (0, self.state_dim - st.shape[-1])))
+      tok = self.state_proj(st[..., :max(self.state_dim, 1)] if self.state_dim else jnp.zeros(st.shape[:2] + (1,)))
+      frame = np.clip(np.asarray(self._frame[:s]), 0, None)
+      placed = tok[:, frame].astype(x.dtype)  # [b, S, d]
+      x = jnp.where((kind == STATE_SLOT)[None, :, None], placed, x)
+    return constrain(x, ("batch", "length", "embed"))
+
+  def forward(self, input_ids, images, states, attention_mask, positions, cache=None) -> LlmOutput:
+    x = self.embed(input_ids, images, states)
+    return self.llm.forward(inputs_embeds=x, positions=positions, attention_mask=attention_mask, cache=cache,
+                            compute_logits=False)
+
+  def value(self, hidden: jax.Array) -> jax.Array:
+    return self.vlm.value(hidden)
+
+
+def resize_vocab(llm: CausalLM, new_size: int, *, rngs: nnx.Rngs) -> CausalLM:
+  """Grow the token embedding (and an untied lm_head) to ``new_size`` rows, in place.
+
+  New rows start at the mean of the existing embeddings plus small noise (a common, stable choice).
+  """
+  old = llm.config.vocab_size
+  if new_size == old:
+    return llm
+  if new_size < old:
+    raise ValueError(f"resize_vocab: new_size={new_size} is smaller than the vocabulary ({old})")
+
+  def grow(w):
+    w = jnp.asarray(w)
+    extra = jnp.mean(w.astype(jnp.float32), 0, keepdims=True) + 0.02 * jax.random.normal(
+        rngs.params(), (new_size - old, w.shape[1]))
+    return jnp.concatenate([w, extra.astype(w.dtype)], 0)
+
+  llm.embed_tokens.embedding.set_value(grow(llm.embed_tokens.embedding.get_value()))
+  if getattr(llm, "lm_head", None) is not None:
+    k = llm.lm_head.kernel.get_value()  # [embed, vocab]
+    llm.lm_head.kernel.set_value(grow(k.T).T)
+    llm.lm_head.out_shape = (new_size,)
+  llm.config = dataclasses.replace(llm.config, vocab_size=new_size)
+  return llm
+
+
+def build_llm(cfg, vocab_size: int, *, rngs: nnx.Rngs) -> CausalLM:
+  """The LLM of ``config.model.llm``: ``source`` "random" (tiny, from the given dims) or a path/"smollm2"."""
+  dtype = cfg.dtype
+  if cfg.source == "random":
+    lc = LlmConfig(architecture=cfg.architecture, vocab_size=vocab_size, hidden_size=cfg.hidden_size,
+                   intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+                   num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+                   head_dim=cfg.hidden_size // cfg.num_heads, tie_word_embeddings=True,
+                   max_position_embeddings=4096, dtype=dtype, param_dtype="float32", remat=bool(cfg.remat))
+    return CausalLM(lc, rngs=rngs)
+  from gea_jax.interop.hf import load_causal_lm
+  path = cfg.source
+  if path == "smollm2":
+    from gea_jax.interop.gguf import smollm2_path
+    path = smollm2_path()
+  llm = load_causal_lm(path, jnp.float32, compute_dtype=dtype, remat=bool(cfg.remat))
+  return resize_vocab(llm, max(vocab_size, llm.config.vocab_size), rngs=rngs)
+
+
+def build_agent(model_cfg, layout: PromptLayout, state_dim: int, vocab_size: int, *, seed: int = 0) -> AgentModel:
+  """AgentModel from ``config.model`` (llm, vision, lora sections)."""
+  rngs = nnx.Rngs(seed)
+  llm = build_llm(model_cfg.llm, vocab_size, rngs=rngs)
+  if model_cfg.train_mode == "lora":
+    apply_lora(llm, LoraConfig(rank=int(model_cfg.lora.rank), alpha=float(model_cfg.lora.alpha),
+                               target_modules=tuple(model_cfg.lora.target_modules)), rngs)
+  v = model_cfg.vision
+  vcfg = VLMConfig(vision=v.encoder, pool_grid=tuple(v.pool_grid), image_size=v.image_size or None,
+                   value_hidden_dim=int(model_cfg.value_hidden_dim), tiny_cnn_channels=tuple(v.channels))
+  vlm = build_vlm(vcfg, llm, rngs=rngs)
+  return AgentModel(vlm, layout, state_dim, rngs=rngs)
+
+
+def trainable_filter(model_cfg) -> Any:
+  """What the optimizer updates: LoRA adapters (+ everything outside the LLM), or all, or no LLM params."""
+  from gea_jax.models.lora import LoraParam
+  mode = model_cfg.train_mode
+  if mode == "full":
+    return nnx.Param
+  outside_llm = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("llm")))
+  if mode == "lora":
+    # Action-token embeddings live in the LLM's (frozen) table; the extended rows must learn, so the
+    # embedding table is trained too when the vocabulary was extended.
+    return nnx.Any(LoraParam, outside_llm, nnx.PathContains("embed_tokens"))
+  if mode == "frozen":
+    return outside_llm
+  raise ValueError(f"model.train_mode: expected 'lora', 'full' or 'frozen', got {mode!r}")

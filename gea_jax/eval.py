@@ -1,0 +1,181 @@
+"""Closed-loop evaluation: the VLM policy acting in each embodiment's JAX environment.
+
+For a batch of environments of one embodiment (vmapped reset/step), each decision builds the prompt
+of `gea_jax.agent.prompt` on device from rolling buffers of the last k frames, states and action
+tokens, samples the action's tokens one by one with the KV cache (greedy or sampled, constrained to
+the embodiment's valid ids), decodes them with the RVQ decoder and steps the environment. The
+per-step function is jitted once per embodiment; episodes end on success or at the time limit.
+Returns success rate and mean return per embodiment and split; deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gea_jax.agent.context import AgentContext
+from gea_jax.agent.policy import decode_action_tokens
+from gea_jax.agent.prompt import assemble, embodiment_prompt, left_pad
+
+
+@dataclasses.dataclass
+class RolloutBuffers:
+  """Per-env rolling history on device (pytree)."""
+
+  images: jax.Array      # [N, F, H, W, 3] uint8
+  states: jax.Array      # [N, F, Ds] f32 (normalized)
+  hist_ids: jax.Array    # [N, F-1, T] int32 action tokens after each history frame
+  frame_valid: jax.Array  # [N, F] bool
+
+
+jax.tree_util.register_dataclass(RolloutBuffers, data_fields=["images", "states", "hist_ids", "frame_valid"],
+                                 meta_fields=[])
+
+
+def state_norm_arrays(ctx: AgentContext, e: int) -> tuple[np.ndarray, np.ndarray]:
+  """(mean, std) padded to max_state_dim, so that (s - mean) / std equals ctx.normalize_state."""
+  ds, D = ctx.specs[e].state_dim, ctx.max_state_dim
+  mean, std = np.zeros(D, np.float32), np.ones(D, np.float32)
+  st = ctx.state_stats[e]
+  if ds and st is not None and ctx.normalization == "mean_std":
+    mean[:ds] = st.mean
+    std[:ds] = np.maximum(st.std, 1e-6)
+  return mean, std
+
+
+def text_prompts(ctx: AgentContext, e: int, instructions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+  """Left-padded token ids + masks [N, text_len] for the embodiment prompt + each instruction."""
+  L = ctx.layout
+  rows = [left_pad(ctx.text_tokenizer.encode(f"{embodiment_prompt(ctx.specs[e])} {ins}"), L.text_len, L.pad_id)
+          for ins in instructions]
+  return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+
+
+def make_policy_step(ctx: AgentContext, e: int, *, greedy: bool, temperature: float = 1.0):
+  """A jittable fn(model, buffers, obs, text_ids, text_mask, key) -> (env action, tokens, logp, value, buffers')."""
+  L, vocab = ctx.layout, ctx.vocab
+  mean, std = state_norm_arrays(ctx, e)
+  spec = ctx.specs[e]
+  ds = spec.state_dim
+  n_tok = vocab.tokens_per_action(e)
+  mask_table = vocab.mask_table
+
+  def push(buffers: RolloutBuffers, obs) -> RolloutBuffers:
+    n = buffers.images.shape[0]
+    img = obs["image"].astype(jnp.uint8)
+    if img.shape[1:3] != buffers.images.shape[2:4]:
+      img = jax.image.resize(img, (n, *buffers.images.shape[2:4], 3), "nearest").astype(jnp.uint8)
+    st = jnp.zeros((n, ctx.max_state_dim), jnp.float32)
+    if ds:
+      st = st.at[:, :ds].set(obs["state"][:, :ds].astype(jnp.float32))
+    st = (st - mean) / std
+    roll = lambda buf, new: jnp.concatenate([buf[:, 1:], new[:, None]], axis=1)
+    return RolloutBuffers(images=roll(buffers.images, img), states=roll(buffers.states, st),
+                          hist_ids=buffers.hist_ids, frame_valid=roll(buffers.frame_valid, jnp.ones((n,), bool)))
+
+  def step(model, buffers: RolloutBuffers, obs, text_ids, text_mask, key):
+    buffers = push(buffers, obs)
+    n = text_ids.shape[0]
+    tok_valid = jnp.broadcast_to(jnp.arange(L.action_tokens) < n_tok, (n, L.action_tokens))
+    prompt = assemble(L, jnp, text_ids, text_mask, buffers.frame_valid, buffers.hist_ids, tok_valid)
+    prompt.update(image=buffers.images, state=buffers.states, embodiment_id=jnp.full((n,), e, jnp.int32))
+    dec = decode_action_tokens(model, L, prompt, mask_table, tok_valid, key, greedy=greedy,
+                               temperature=temperature)
+    ids = jnp.where(tok_valid, dec.tokens, -1)
+    actions = vocab.decode(ids, jnp.full((n,), e, jnp.int32))[:, 0]  # [N, max_dim]
+    if spec.action_space.is_continuous:
+      env_action = actions[:, :spec.action_space.dim]
+    else:
+      env_action = actions[:, 0].astype(jnp.int32)
+    if L.history:
+      new_hist = jnp.concatenate([buffers.hist_ids[:, 1:], dec.tokens[:, None]], axis=1)
+      buffers = dataclasses.replace(buffers, hist_ids=new_hist)
+    return env_action, dec.tokens, dec.logp, dec.value, buffers
+
+  return step
+
+
+def init_buffers(ctx: AgentContext, n: int) -> RolloutBuffers:
+  L = ctx.layout
+  h, w = ctx.image_size
+  return RolloutBuffers(images=jnp.zeros((n, L.num_frames, h, w, 3), jnp.uint8),
+                        states=jnp.zeros((n, L.num_frames, ctx.max_state_dim), jnp.float32),
+                        hist_ids=jnp.full((n, L.history, L.action_tokens), L.pad_id, jnp.int32),
+                        frame_valid=jnp.zeros((n, L.num_frames), bool))
+
+
+def instructions_of(env, states, n: int) -> list[str]:
+  return [env.instruction(jax.tree.map(lambda x: x[i], states)) for i in range(n)]
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_env_fns(env, split: str):
+  reset = jax.jit(jax.vmap(functools.partial(env.reset, task_split=split)))
+  step = jax.jit(jax.vmap(env.step))
+  return reset, step
+
+
+def evaluate_embodiment(model, ctx: AgentContext, name: str, *, num_episodes: int, split: str, seed: int,
+                        greedy: bool = True, perturb: tuple[int, int] | None = None) -> dict[str, Any]:
+  """Runs ``num_episodes`` episodes in parallel; returns success_rate, mean_return, mean_length.
+
+  perturb=(start, length): replace the policy's actions by uniformly random ones for ``length`` steps
+  from step ``start`` (the recovery test of GEA's online-RL lesson).
+  """
+  from gea_jax.envs import registry
+  env = registry.make(name)
+  e = ctx.index(name)
+  reset, env_step = _jitted_env_fns(env, split)
+  key = jax.random.key(seed)
+  states = reset(jax.random.split(jax.random.fold_in(key, 0), num_episodes))
+  text_ids, text_mask = text_prompts(ctx, e, instructions_of(env, states, num_episodes))
+  text_ids, text_mask = jnp.asarray(text_ids), jnp.asarray(text_mask)
+  policy = nnx.jit(make_policy_step(ctx, e, greedy=greedy))
+  buffers = init_buffers(ctx, num_episodes)
+  spec = env.spec
+  done = np.zeros(num_episodes, bool)
+  success = np.zeros(num_episodes, bool)
+  ret = np.zeros(num_episodes, np.float64)
+  length = np.zeros(num_episodes, np.int64)
+  for t in range(spec.max_episode_steps):
+    k = jax.random.fold_in(key, t + 1)
+    action, _, _, _, buffers = policy(model, buffers, states.obs, text_ids, text_mask, k)
+    if perturb is not None and perturb[0] <= t < perturb[0] + perturb[1]:
+      action = _random_actions(spec, jax.random.fold_in(k, 7), num_episodes)
+    states = env_step(states, action)
+    r, d, s = (np.asarray(x) for x in jax.device_get((states.reward, states.done, states.success)))
+    live = ~done
+    ret += np.where(live, r, 0.0)
+    length += live
+    success |= live & s
+    done |= d
+    if done.all():
+      break
+  return {"success_rate": float(success.mean()), "mean_return": float(ret.mean()),
+          "mean_length": float(length.mean()), "episodes": int(num_episodes)}
+
+
+def _random_actions(spec, key, n):
+  a = spec.action_space
+  if a.is_continuous:
+    return jax.random.uniform(key, (n, a.dim), minval=jnp.asarray(a.low), maxval=jnp.asarray(a.high))
+  return jax.random.randint(key, (n,), 0, a.num_actions)
+
+
+def evaluate(model, ctx: AgentContext, embodiments: Sequence[str], *, num_episodes: int, splits: Sequence[str],
+             seed: int = 0, greedy: bool = True) -> list[dict[str, Any]]:
+  """Rows {embodiment, split, success_rate, mean_return, ...} for every embodiment x applicable split."""
+  rows = []
+  for name in embodiments:
+    for split in splits:
+      if split == "heldout_combo" and not name.startswith("grid"):
+        continue
+      r = evaluate_embodiment(model, ctx, name, num_episodes=num_episodes, split=split, seed=seed, greedy=greedy)
+      rows.append({"embodiment": name, "split": split, **r})
+  return rows

@@ -1,0 +1,125 @@
+"""The end-to-end run of configs/default.py: data -> stage 0 (RVQ) -> stage 1 (SFT) -> eval -> report.
+
+    python -m gea_jax.main --config=configs/default.py --workdir=workdirs/demo
+
+Every stage leaves its output in the workdir and is skipped (or resumed) when the run is restarted:
+datasets in ``data/`` (or ``data.data_dir``), the tokenizer artifact in ``rvq/artifact``, SFT
+checkpoints in ``sft/checkpoints``; the final ``report.json`` / ``report.md`` compare the agent's
+success on held-out tasks with the experts' that generated the data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import ml_collections
+from absl import logging
+
+from gea_jax import config_validation as cv
+from gea_jax.train import sft as sft_lib
+
+
+def validate(config) -> None:
+  sft_lib.validate_model(config)
+  sft_lib.validate_sft(config)
+  cv.positive(config, "data.episodes")
+  cv.positive(config, "data.heldout_episodes")
+  cv.positive(config, "rvq.num_levels")
+  cv.positive(config, "rvq.codebook_size")
+  cv.positive(config, "rvq.steps")
+  cv.positive(config, "rvq.batch_size")
+  cv.one_of(config, "rvq.vocab_mode", ("extend", "reuse_tail"))
+  cv.positive(config, "eval.episodes")
+  for s in config.eval.splits:
+    cv.require(s in ("train", "heldout_seed", "heldout_combo"), "eval.splits",
+               "entries must be train / heldout_seed / heldout_combo", s)
+  from gea_jax.envs import registry
+  names = [e for e in str(config.data.embodiments).split(",") if e]
+  cv.require(bool(names), "data.embodiments", "must name at least one embodiment")
+  for e in names:
+    cv.require(e in registry.names(), "data.embodiments", f"unknown embodiment (known: {', '.join(registry.names())})", e)
+
+
+def embodiment_names(config) -> list[str]:
+  return [e for e in str(config.data.embodiments).split(",") if e]
+
+
+def build_data(config, data_dir: str) -> dict:
+  from data_pipelines.build import build
+  return build(embodiment_names(config), int(config.data.episodes), data_dir, seed=int(config.seed),
+               heldout_episodes=int(config.data.heldout_episodes))
+
+
+def stage0_config(config, data_dir: str) -> ml_collections.ConfigDict:
+  """The tokenizer trainer's config (see configs/rvq.py) for this run's datasets."""
+  c = ml_collections.ConfigDict()
+  c.trainer = "tokenizer"
+  c.rvq = ml_collections.ConfigDict(dict(num_levels=int(config.rvq.num_levels),
+                                         codebook_size=int(config.rvq.codebook_size), latent_dim=16, hidden=256,
+                                         num_layers=2, chunk_len=1, embodiment_dim=16, commitment=0.25,
+                                         ema_decay=0.99, dead_code_threshold=50))
+  c.train = ml_collections.ConfigDict(dict(steps=int(config.rvq.steps), batch_size=int(config.rvq.batch_size),
+                                           lr=1e-3, warmup_steps=100, seed=int(config.seed),
+                                           log_every=max(1, int(config.rvq.steps) // 10), eval_size=4096))
+  c.data = ml_collections.ConfigDict(dict(source="tfds", data_dir=data_dir, split="train", max_episodes=0,
+                                          expert_episodes=1, embodiments=tuple(embodiment_names(config))))
+  from gea_jax.agent.context import resolve_text_tokenizer
+  from gea_jax.interop.tokenizers import load_text_tokenizer
+  text_vocab = load_text_tokenizer(resolve_text_tokenizer(config.model.text_tokenizer)).vocab_size
+  c.vocab = ml_collections.ConfigDict(dict(llm_vocab_size=int(text_vocab), mode=str(config.rvq.vocab_mode)))
+  c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
+  return c
+
+
+def expert_success(data_dir: str, name: str, split: str) -> float | None:
+  from data_pipelines.rlds_builder import dataset_path
+  meta = json.loads((Path(dataset_path(data_dir, name)) / "metadata.json").read_text())
+  rate = meta.get("expert_success_rate", {})
+  return rate.get(split) if isinstance(rate, dict) else rate
+
+
+def run(config, workdir: str) -> dict:
+  t0 = time.time()
+  validate(config)
+  workdir = os.path.abspath(workdir)
+  data_dir = config.data.data_dir or os.path.join(workdir, "data")
+  names = embodiment_names(config)
+
+  logging.info("[1/4] datasets in %s", data_dir)
+  build_data(config, data_dir)
+
+  artifact = os.path.join(workdir, "rvq", "artifact")
+  if not os.path.isdir(artifact):
+    logging.info("[2/4] RVQ action tokenizer")
+    from gea_jax.train import tokenizer as tok_lib
+    tok_lib.run(stage0_config(config, data_dir), os.path.join(workdir, "rvq"))
+  from gea_jax.tokenizers.artifact import read_metadata
+  rvq_metrics = read_metadata(artifact).get("metrics", {})
+
+  logging.info("[3/4] SFT")
+  result = sft_lib.train(config, workdir, artifact_dir=artifact, data_dir=data_dir, embodiments=names)
+
+  logging.info("[4/4] closed-loop evaluation")
+  from gea_jax.eval import evaluate
+  rows = evaluate(result.model, result.ctx, names, num_episodes=int(config.eval.episodes),
+                  splits=tuple(config.eval.splits), seed=int(config.seed) + 1000, greedy=bool(config.eval.greedy))
+  for r in rows:
+    ex = expert_success(data_dir, r["embodiment"], r["split"])
+    r["expert_success_rate"] = ex
+    r["fraction_of_expert"] = (r["success_rate"] / ex) if ex else None
+  summary = {"sft_steps": result.steps, "final_sft_loss": result.final_metrics.get("loss"),
+             "final_token_accuracy": result.final_metrics.get("token_accuracy"),
+             "wall_time_s": round(time.time() - t0, 1), "sft_wall_time_s": round(result.wall_time, 1),
+             "rvq": rvq_metrics}
+  from gea_jax.reporting import write_report
+  write_report(workdir, "gea_jax end-to-end run", tables={"closed-loop success (held-out)": rows},
+               curves={k: v for k, v in result.curves.items() if k.startswith("sft/loss")
+                       or k.startswith("sft/token_accuracy")}, summary=summary)
+  for r in rows:
+    logging.info("%s/%s: success %.2f (expert %s)", r["embodiment"], r["split"], r["success_rate"],
+                 r["expert_success_rate"])
+  print(json.dumps({"rows": rows, **{k: v for k, v in summary.items() if k != "rvq"}}, default=str))
+  return {"rows": rows, "summary": summary}

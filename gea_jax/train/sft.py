@@ -1,0 +1,258 @@
+"""Stage 1: supervised fine-tuning of the VLM agent on expert trajectories of all embodiments at once.
+
+``python -m gea_jax.main --config=configs/sft.py --workdir=DIR`` (or as a stage of configs/default.py).
+
+Cross-entropy on the action tokens only (the prompt layout masks everything else); LoRA, frozen
+backbone or full fine-tuning by ``model.train_mode``; AdamW with warmup + cosine decay, gradient
+clipping and accumulation (optax.MultiSteps); bfloat16 compute with float32 master weights by
+``model.llm.dtype``. The step is jitted once and runs over the config's mesh (1 device or many).
+Checkpoints hold the trainable parameters, optimizer state, step, RNG and the grain iterator state,
+so a resumed run is bit-identical; SIGTERM saves and exits; a non-finite loss stops the run and the
+last good checkpoint stays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from gea_jax import config_validation as cv
+from gea_jax import sharding
+from gea_jax.agent.context import AgentContext, load_context
+from gea_jax.agent.model import AgentModel, build_agent, trainable_filter
+from gea_jax.agent.policy import sft_loss
+from gea_jax.agent.sequence import fill_action_ids, sequence_builder
+from gea_jax.checkpoint import Checkpointer, abstract_like
+from gea_jax.reporting import MetricWriter, Progress
+from gea_jax.train.loop_utils import check_finite, install_sigterm_handler
+
+
+# --- validation ---------------------------------------------------------------------------------------
+
+
+def validate_model(config) -> None:
+  m = config.model
+  cv.one_of(config, "model.train_mode", ("lora", "full", "frozen"))
+  cv.one_of(config, "model.llm.dtype", ("float32", "bfloat16"))
+  if m.llm.source == "random":
+    for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+      cv.positive(config, f"model.llm.{k}")
+    cv.divides(config, "model.llm.num_heads", "model.llm.hidden_size")
+    cv.divides(config, "model.llm.num_kv_heads", "model.llm.num_heads")
+  if m.train_mode == "lora":
+    cv.check_type(config, "model.lora.rank", int)
+    cv.positive(config, "model.lora.rank")
+    cv.positive(config, "model.lora.alpha")
+  cv.one_of(config, "model.vision.encoder", ("tiny_cnn", "efficientnet_lite0", "siglip"))
+  grid = tuple(m.vision.pool_grid)
+  cv.require(len(grid) == 2 and min(grid) > 0, "model.vision.pool_grid", "must be two positive ints", grid)
+  cv.positive(config, "model.text_len")
+  cv.positive(config, "data.history")
+  cv.positive(config, "data.image_size")
+
+
+def validate_sft(config) -> None:
+  s = "sft"
+  for k in ("steps", "batch_size", "lr", "log_every", "checkpoint_every", "keep_checkpoints", "grad_accum"):
+    cv.positive(config, f"{s}.{k}")
+  cv.positive(config, f"{s}.warmup_steps", allow_zero=True)
+  cv.positive(config, f"{s}.grad_clip", allow_zero=True)
+  cv.in_range(config, f"{s}.min_lr_ratio", 0.0, 1.0)
+  cv.positive(config, f"{s}.weight_decay", allow_zero=True)
+  cv.positive(config, f"{s}.num_workers", allow_zero=True)
+  cv.check_mesh(config)
+  n = jax.device_count()
+  try:
+    shape = sharding.resolve_mesh_shape(tuple(config.mesh.shape), n)
+  except ValueError as e:
+    raise cv.ConfigError(f"mesh.shape: {e}") from None
+  batch_shards = shape[0] * shape[1]
+  cv.require(config.sft.batch_size % batch_shards == 0, "sft.batch_size",
+             f"must be divisible by the data*fsdp mesh size {batch_shards}", config.sft.batch_size)
+
+
+def validate(config) -> None:
+  validate_model(config)
+  validate_sft(config)
+  cv.require(bool(config.sft.tokenizer_artifact), "sft.tokenizer_artifact",
+             "must point to an RVQ artifact directory (train one with configs/rvq.py)")
+  cv.require(bool(config.data.data_dir), "data.data_dir", "must point to the datasets (data_pipelines.build)")
+
+
+# --- optimizer ---------------------------------------------------------------------------------------
+
+
+def make_optimizer(s, total_steps: int) -> optax.GradientTransformation:
+  warmup = min(int(s.warmup_steps), max(total_steps - 1, 0))
+  schedule = optax.warmup_cosine_decay_schedule(0.0, float(s.lr), max(warmup, 1), max(total_steps, warmup + 1),
+                                                end_value=float(s.lr) * float(s.min_lr_ratio))
+  parts = []
+  if float(s.grad_clip) > 0:
+    parts.append(optax.clip_by_global_norm(float(s.grad_clip)))
+  parts.append(optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=float(s.weight_decay)))
+  tx = optax.chain(*parts)
+  if int(s.grad_accum) > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=int(s.grad_accum))
+  return tx
+
+
+# --- the jitted step ---------------------------------------------------------------------------------
+
+
+def make_train_step(ctx: AgentContext, wrt):
+  vocab, layout = ctx.vocab, ctx.layout
+  mask_table = vocab.mask_table
+
+  @nnx.jit
+  def train_step(model: AgentModel, optimizer: nnx.Optimizer, batch):
+    batch = fill_action_ids(vocab, layout, batch)
+
+    def loss_fn(model):
+      return sft_loss(model, layout, batch, mask_table)
+
+    (loss, metrics), grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)(model)
+    optimizer.update(model, grads)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    return metrics
+
+  return train_step
+
+
+MODEL_KEYS = ("input_ids", "attention_mask", "positions", "targets", "loss_mask", "image", "state", "actions",
+              "embodiment_id")
+
+
+def device_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+  """This process's part of the global batch -> global arrays sharded over the batch axes."""
+  out = {}
+  for k in MODEL_KEYS:
+    x = np.asarray(batch[k])
+    if x.dtype == np.bool_:
+      x = x.astype(np.int32)
+    out[k] = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, x.ndim), x)
+  return out
+
+
+@dataclasses.dataclass
+class SftResult:
+  model: AgentModel
+  ctx: AgentContext
+  steps: int
+  final_metrics: dict[str, float]
+  wall_time: float
+  curves: dict[str, list[tuple[int, float]]]
+
+
+def train(config, workdir: str, *, artifact_dir: str, data_dir: str, embodiments=None,
+          eval_fn=None) -> SftResult:
+  """Runs (or resumes) SFT in ``workdir``. ``eval_fn(model, ctx, step) -> metrics`` runs periodically."""
+  s = config.sft
+  embodiments = list(embodiments or [e for e in str(config.data.embodiments).split(",") if e])
+  ctx = load_context(config, artifact_dir, data_dir, embodiments)
+  mesh = sharding.make_mesh(tuple(config.mesh.shape))
+  rules = sharding.rules_from_config(config.sharding.rules) if config.get("sharding") else sharding.DEFAULT_RULES
+
+  model = build_agent(config.model, ctx.layout, ctx.max_state_dim, ctx.vocab.total_vocab_size,
+                      seed=int(config.seed))
+  sharding.shard_module(model, mesh, rules)
+  wrt = trainable_filter(config.model)
+  tx = make_optimizer(s, int(s.steps) * int(s.grad_accum))
+  optimizer = nnx.Optimizer(model, tx, wrt=wrt)
+  n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, wrt)))
+  n_total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  logging.info("SFT: %d trainable of %d parameters (%s)", n_train, n_total, config.model.train_mode)
+
+  process_batch = int(s.batch_size) // jax.process_count()
+  from data_pipelines.pipeline import make_train_iterator
+  hook = sequence_builder(ctx, embodiments)
+  weights = _weights(config, embodiments)
+  iterator = make_train_iterator(data_dir, embodiments, weights, batch_size=process_batch, seq_len=None,
+                                 history=int(config.data.history), tokenize=hook, seed=int(config.seed),
+                                 split="train", num_workers=int(s.num_workers),
+                                 image_size=ctx.image_size, normalization=ctx.normalization)
+
+  ckpt = Checkpointer(os.path.join(workdir, "sft"), keep=int(s.keep_checkpoints),
+                      save_every=int(s.checkpoint_every), config=config)
+  ckpt.save_assets("tokenizer", artifact_dir)
+  start = 0
+  restored = ckpt.restore_latest(abstract_like(nnx.state(model, wrt)), abstract_like(nnx.state(optimizer)))
+  if restored is not None:
+    nnx.update(model, restored.params)
+    nnx.update(optimizer, restored.opt_state)
+    if restored.data_state is not None:
+      iterator.set_state(restored.data_state)
+    start = restored.step
+    logging.info("SFT: resumed from step %d (%s)", start, restored.path)
+
+  train_step = make_train_step(ctx, wrt)
+  writer = MetricWriter(os.path.join(workdir, "sft"), resume_step=start if start else None)
+  preempt = install_sigterm_handler()
+  total = int(s.steps)
+  metrics: dict[str, float] = {}
+  t0 = time.time()
+  samples = 0
+  with sharding.use_mesh(mesh, rules), Progress(total, "sft", initial=start) as bar:
+    step = start
+    while step < total:
+      t_step = time.time()
+      for _ in range(int(s.grad_accum)):
+        batch = device_batch(next(iterator), mesh)
+        out = train_step(model, optimizer, batch)
+      step += 1
+      samples += int(s.batch_size) * int(s.grad_accum)
+      if step % int(s.log_every) == 0 or step == total:
+        metrics = {k: float(v) for k, v in jax.device_get(out).items()}
+        check_finite(metrics["loss"], step, checkpointer=ckpt)
+        metrics["samples_per_s"] = int(s.batch_size) * int(s.grad_accum) / max(time.time() - t_step, 1e-9)
+        metrics["lr"] = float(_current_lr(s, step))
+        writer.scalars(step, {f"sft/{k}": v for k, v in metrics.items()})
+        bar.set_metrics(loss=metrics["loss"], acc=metrics["token_accuracy"])
+      bar.update(1)
+      if eval_fn is not None and int(s.eval_every) and step % int(s.eval_every) == 0 and step < total:
+        writer.scalars(step, {f"eval/{k}": v for k, v in eval_fn(model, ctx, step).items()})
+      save_now = ckpt.should_save(step) or step == total or preempt.requested
+      if save_now:
+        if not metrics or step % int(s.log_every):
+          check_finite(float(jax.device_get(out["loss"])), step, checkpointer=ckpt)
+        ckpt.save(step, params=nnx.state(model, wrt), opt_state=nnx.state(optimizer),
+                  rng=jax.random.key(int(config.seed)), data_state=iterator.get_state(), force=True,
+                  extra={k: float(v) for k, v in metrics.items()})
+      if preempt.requested:
+        logging.warning("SFT: SIGTERM received; checkpoint saved at step %d, exiting", step)
+        break
+  ckpt.close()
+  writer.flush()
+  curves = writer.curves()
+  writer.close()
+  return SftResult(model=model, ctx=ctx, steps=step, final_metrics=metrics, wall_time=time.time() - t0,
+                   curves=curves)
+
+
+def _current_lr(s, step: int) -> float:
+  total = int(s.steps) * int(s.grad_accum)
+  warmup = min(int(s.warmup_steps), max(total - 1, 0))
+  sched = optax.warmup_cosine_decay_schedule(0.0, float(s.lr), max(warmup, 1), max(total, warmup + 1),
+                                             end_value=float(s.lr) * float(s.min_lr_ratio))
+  return float(sched(step * int(s.grad_accum)))
+
+
+def _weights(config, embodiments):
+  w = config.data.get("weights", None)
+  if not w:
+    return None
+  w = dict(w) if not isinstance(w, str) else dict(kv.split("=") for kv in w.split(",") if kv)
+  return {k: float(v) for k, v in w.items() if k in embodiments}
+
+
+def run(config, workdir: str) -> None:
+  result = train(config, workdir, artifact_dir=config.sft.tokenizer_artifact, data_dir=config.data.data_dir)
+  logging.info("SFT done: %d steps in %.1fs, final %s", result.steps, result.wall_time, result.final_metrics)
