@@ -1,5 +1,8 @@
 """Vectorized Brax env for PPO: vmap, action repeat, time limit, auto-reset and episode statistics.
 
+Works for any env with Brax's functional interface (``reset(key) -> state``, ``step(state, action) -> state``,
+``state.obs/.reward/.done``, ``observation_size``, ``action_size``), e.g. ``gea_jax.rl.toy_envs.PointMass``.
+
 Brax's own ``envs.training`` wrappers work on jax 0.10.2 but always auto-reset to the *same* initial state
 per env; this wrapper keeps a cache of fresh random reset states (``refresh_resets``, called once per PPO
 training call: one reset per env, cheap) and swaps it in where an episode ended. ``step`` reports, per env,

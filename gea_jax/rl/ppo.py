@@ -117,7 +117,7 @@ def sgd_epochs(loss_fn: Callable, optimizer: optax.GradientTransformation, param
     (_, metrics), grads = grad_fn(params, mb, k)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return (params, opt_state), metrics
 
   def epoch(carry, k):
