@@ -302,8 +302,9 @@ class ActionTokenizer(nnx.Module):
 
   def _sample_inputs(self, key: jax.Array, flat: jax.Array, w: jax.Array, n: int) -> jax.Array:
     """``n`` rows of ``flat`` [N, D] drawn with probability proportional to ``w`` [N]."""
-    logits = jnp.where(w > 0, 0.0, -jnp.inf)
-    idx = jax.random.categorical(key, logits, shape=(n,))
+    cdf = jnp.cumsum(jnp.maximum(w, 0.0))
+    u = jax.random.uniform(key, (n,), maxval=1.0) * cdf[-1]
+    idx = jnp.clip(jnp.searchsorted(cdf, u, side="right"), 0, flat.shape[0] - 1)
     return flat[idx]
 
   def ema_update(self, codes: jax.Array, level_inputs: jax.Array, weight: jax.Array, key: jax.Array

@@ -140,7 +140,8 @@ def load_tfds_source(data_dir: str, embodiments: Sequence[str], split: str = "tr
     actions, starts = [], []
     for i in range(n):
       seq = ds.episode(split, i)["steps"]
-      a = np.stack([np.asarray(seq[t]["action"], np.float32) for t in range(len(seq))])
+      rows = [seq[t] for t in range(len(seq))]
+      a = np.stack([np.asarray(r["action"], np.float32) for r in rows if not bool(r["is_last"])])
       actions.append(a)
       starts.append(np.arange(len(a)) == 0)
     stats = ds.normalization.action if ds.normalization is not None else None
@@ -162,7 +163,9 @@ def load_expert_source(embodiments: Sequence[str], num_episodes: int, seed: int,
     if not spec.action_space.is_continuous:
       continue
     episodes = experts.rollout(name, num_episodes, seed, task_split)
-    acts = [np.asarray(ep["action"], np.float32).reshape(-1, spec.action_space.dim) for ep in episodes]
+    # RLDS: the last step of an episode holds the final observation and a zero action: drop it
+    acts = [np.asarray(ep["action"], np.float32).reshape(-1, spec.action_space.dim)[~np.asarray(ep["is_last"])]
+            for ep in episodes]
     starts = [np.arange(len(a)) == 0 for a in acts]
     sources[name] = ActionSource(spec, np.concatenate(acts), episode_starts=np.concatenate(starts))
   return sources, specs
