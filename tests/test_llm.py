@@ -252,3 +252,12 @@ def test_sharded_params_and_forward():
     out = nnx.jit(lambda m, x: m(x))(model2, sharding.shard_batch(ids, mesh2))
   assert len(out.sharding.device_set) == 8
   np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, rtol=0)
+
+
+def test_fused_projections_equal_separate():
+  hf = hf_tiny("qwen2", seed=5)
+  ids = jnp.asarray(rand_ids(2, 7))
+  fused = to_jax(hf)
+  sep = to_jax(hf, fuse_projections=False)
+  assert fused.config.fuse_projections and not sep.config.fuse_projections
+  np.testing.assert_allclose(np.asarray(fused(ids)), np.asarray(sep(ids)), atol=1e-5, rtol=0)

@@ -60,13 +60,34 @@ class Proj(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = jnp.dtype(self.dtype)
-    n = len(self.in_shape)
-    y = jnp.tensordot(x.astype(dt), self.kernel[...].astype(dt), axes=n)
+    y = jnp.tensordot(x.astype(dt), self.kernel[...].astype(dt), axes=len(self.in_shape))
+    return self.add_bias_and_adapter(x, y)
+
+  def add_bias_and_adapter(self, x: jax.Array, y: jax.Array) -> jax.Array:
+    """y (the kernel product) + bias + the active LoRA adapter's output."""
+    dt = jnp.dtype(self.dtype)
     if self.bias is not None:
       y = y + self.bias[...].astype(dt)
     if self.lora is not None and not self.lora.merged:
       y = y + self.lora(x).astype(dt)
     return y
+
+
+def fused_proj(projs: Sequence[Proj], x: jax.Array) -> list[jax.Array]:
+  """Apply several projections that read the same input with one matmul (kernels concatenated)."""
+  dt = jnp.dtype(projs[0].dtype)
+  n = len(projs[0].in_shape)
+  lead = x.shape[:x.ndim - n]
+  k_in = math.prod(projs[0].in_shape)
+  sizes = [math.prod(p.out_shape) for p in projs]
+  kernel = jnp.concatenate([p.kernel[...].astype(dt).reshape(k_in, -1) for p in projs], axis=1)
+  y = jnp.dot(x.astype(dt).reshape(-1, k_in), kernel)
+  outs, start = [], 0
+  for p, size in zip(projs, sizes):
+    yi = y[:, start:start + size].reshape(lead + p.out_shape)
+    outs.append(p.add_bias_and_adapter(x, yi))
+    start += size
+  return outs
 
 
 class RMSNorm(nnx.Module):
@@ -105,6 +126,7 @@ class Attention(nnx.Module):
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
     self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
     self.dtype = cfg.dtype
+    self.fuse = cfg.fuse_projections
     self.q_proj = Proj((d,), (h, hd), ("embed",), ("heads", "head_dim"), use_bias=cfg.attention_bias, **kw)
     self.k_proj = Proj((d,), (kv, hd), ("embed",), ("kv_heads", "head_dim"), use_bias=cfg.attention_bias, **kw)
     self.v_proj = Proj((d,), (kv, hd), ("embed",), ("kv_heads", "head_dim"), use_bias=cfg.attention_bias, **kw)
@@ -113,9 +135,13 @@ class Attention(nnx.Module):
   def __call__(self, x, cos, sin, mask, kv_cache=None, index=None):
     b, s = x.shape[:2]
     dt = jnp.dtype(self.dtype)
-    q = constrain(self.q_proj(x), ("batch", "length", "heads", "head_dim"))
-    k = constrain(self.k_proj(x), ("batch", "length", "kv_heads", "head_dim"))
-    v = constrain(self.v_proj(x), ("batch", "length", "kv_heads", "head_dim"))
+    if self.fuse:
+      q, k, v = fused_proj([self.q_proj, self.k_proj, self.v_proj], x)
+    else:
+      q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    q = constrain(q, ("batch", "length", "heads", "head_dim"))
+    k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+    v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
     new_kv = None
@@ -123,12 +149,17 @@ class Attention(nnx.Module):
       k, v = update_layer(kv_cache[0], kv_cache[1], k, v, index)
       new_kv = (k, v)
       k, v = k.astype(dt), v.astype(dt)
-    groups = self.num_heads // self.num_kv_heads
-    q = (q * jnp.asarray(self.head_dim ** -0.5, dt)).reshape(b, s, self.num_kv_heads, groups, self.head_dim)
-    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
+    t = k.shape[1]
+    kv, g, hd = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+    # GQA with the query groups folded into the rows: per KV head one [g*s, hd] x [hd, t] matmul.
+    q = (q * jnp.asarray(hd ** -0.5, dt)).reshape(b, s, kv, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * s, hd)
+    k = k.transpose(0, 2, 1, 3)
+    v = v.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkqd,bktd->bkqt", q, k, preferred_element_type=jnp.float32).reshape(b, kv, g, s, t)
     scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(b, s, self.num_heads, self.head_dim)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(b, kv, g * s, t)
+    out = jnp.einsum("bkqt,bktd->bkqd", probs, v).reshape(b, kv, g, s, hd)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, s, self.num_heads, hd)
     out = constrain(out, ("batch", "length", "heads", "head_dim"))
     return self.o_proj(out), new_kv
 
@@ -140,9 +171,14 @@ class MLP(nnx.Module):
     self.gate_proj = Proj((d,), (f,), ("embed",), ("mlp",), **kw)
     self.up_proj = Proj((d,), (f,), ("embed",), ("mlp",), **kw)
     self.down_proj = Proj((f,), (d,), ("mlp",), ("embed",), **kw)
+    self.fuse = cfg.fuse_projections
 
   def __call__(self, x):
-    h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+    if self.fuse:
+      gate, up = fused_proj([self.gate_proj, self.up_proj], x)
+    else:
+      gate, up = self.gate_proj(x), self.up_proj(x)
+    h = jax.nn.silu(gate) * up
     return self.down_proj(constrain(h, ("batch", "length", "mlp")))
 
 

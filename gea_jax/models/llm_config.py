@@ -114,6 +114,8 @@ class LlmConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype
   remat: bool = False
+  # Run q/k/v and gate/up as one matmul each (faster on CPU; turn off for tensor-parallel meshes).
+  fuse_projections: bool = True
 
   def __post_init__(self):
     if self.architecture not in ARCHITECTURES:
