@@ -57,7 +57,8 @@ def _config(steps=300, **rvq):
 def test_codebook_vectors_round_trip_exactly():
   m = ActionTokenizer(_small(num_levels=1), SPECS, rngs=nnx.Rngs(0))
   cb = m.codebook[...][0]
-  zq, codes, _ = m.quantize(cb)
+  quantize = nnx.jit(lambda mm, z: mm.quantize(z))
+  zq, codes, _ = quantize(m, cb)
   np.testing.assert_array_equal(codes[:, 0], np.arange(32))
   np.testing.assert_array_equal(zq, cb)
   # two levels: level-1 vectors much smaller than the spacing of level 0 -> every sum maps back to its codes
@@ -66,8 +67,8 @@ def test_codebook_vectors_round_trip_exactly():
   c[1] *= 0.01
   m2.codebook[...] = jnp.asarray(c)
   pairs = np.stack(np.meshgrid(np.arange(32), np.arange(32)), -1).reshape(-1, 2)
-  z = m2.lookup(jnp.asarray(pairs))
-  zq, codes, _ = m2.quantize(z)
+  z = nnx.jit(lambda mm, c: mm.lookup(c))(m2, jnp.asarray(pairs))
+  zq, codes, _ = quantize(m2, z)
   np.testing.assert_array_equal(codes, pairs)
   np.testing.assert_allclose(zq, z, atol=1e-6)
 
@@ -77,17 +78,19 @@ def test_dead_codes_are_restarted_from_current_inputs():
   rng = np.random.default_rng(0)
   a = jnp.asarray(rng.uniform(-1, 1, (64, 1, 5)).astype(np.float32))
   e = jnp.ones((64,), jnp.int32)
-  m.init_codebooks(a, e, jax.random.key(3))  # codes 0..4 are encoder outputs: each is used
+  fwd = nnx.jit(lambda mm, a, e: mm(a, e))
+  upd = nnx.jit(lambda mm, out, k: mm.ema_update(out["codes"], out["level_inputs"], out["weight"], k))
+  nnx.jit(lambda mm, k: mm.init_codebooks(a, e, k))(m, jax.random.key(3))  # codes 0..4: encoder outputs
   cb = np.asarray(m.codebook[...]).copy()
   cb[0, 5:] = 1e3  # far away: never chosen
   m.codebook[...] = jnp.asarray(cb)
   m.ema_sum[...] = jnp.asarray(cb)
-  out = m(a, e)
+  out = fwd(m, a, e)
   assert not np.isin(np.asarray(out["codes"]), [5, 6, 7]).any()
-  st = m.ema_update(out["codes"], out["level_inputs"], out["weight"], jax.random.key(0))
+  st = upd(m, out, jax.random.key(0))
   assert int(st["restarted"][0]) == 0 and np.all(np.asarray(m.unused_steps[...])[0, 5:] == 1)
-  out = m(a, e)
-  st = m.ema_update(out["codes"], out["level_inputs"], out["weight"], jax.random.key(1))
+  out = fwd(m, a, e)
+  st = upd(m, out, jax.random.key(1))
   assert int(st["restarted"][0]) == 3
   new = np.asarray(m.codebook[...])[0, 5:]
   inputs = np.asarray(out["level_inputs"]).reshape(-1, 8)
@@ -95,7 +98,7 @@ def test_dead_codes_are_restarted_from_current_inputs():
     assert np.min(np.abs(inputs - v).max(-1)) < 1e-6
   assert np.all(np.asarray(m.unused_steps[...])[0, 5:] == 0)
   assert np.max(np.abs(new)) < 1e2
-  out = m(a, e)
+  out = fwd(m, a, e)
   used = np.unique(np.asarray(out["codes"]))
   assert len(used) > 5  # the restarted codes are used again
 
@@ -109,17 +112,19 @@ def test_padded_dimensions_are_ignored():
   junk = a.copy()
   junk[:, :, 2:] = rng.normal(size=(16, 1, 3)) * 100
 
-  def loss_and_grads(x):
-    return nnx.value_and_grad(lambda mm: mm(jnp.asarray(x), e)["loss"])(m)
+  @nnx.jit
+  def loss_and_grads(mm, x):
+    return nnx.value_and_grad(lambda m_: m_(x, e)["loss"])(mm)
 
-  (l1, g1), (l2, g2) = loss_and_grads(a), loss_and_grads(junk)
+  (l1, g1), (l2, g2) = loss_and_grads(m, jnp.asarray(a)), loss_and_grads(m, jnp.asarray(junk))
   assert float(l1) == float(l2)
   jax.tree.map(np.testing.assert_array_equal, g1, g2)
-  np.testing.assert_array_equal(m.encode(jnp.asarray(a), e), m.encode(jnp.asarray(junk), e))
-  dec = np.asarray(m.decode(m.encode(jnp.asarray(a), e), e))
+  enc = nnx.jit(lambda mm, x, e: mm.encode(x, e))
+  np.testing.assert_array_equal(enc(m, jnp.asarray(a), e), enc(m, jnp.asarray(junk), e))
+  dec = np.asarray(nnx.jit(lambda mm, c, e: mm.decode(c, e))(m, enc(m, jnp.asarray(a), e), e))
   assert np.all(dec[:, :, 2:] == 0)
   # discrete rows carry no weight in the loss
-  out = m(jnp.asarray(a), jnp.full((16,), 2, jnp.int32))
+  out = nnx.jit(lambda mm, x, e: mm(x, e))(m, jnp.asarray(a), jnp.full((16,), 2, jnp.int32))
   assert float(out["loss"]) == 0.0 and float(jnp.sum(out["weight"])) == 0.0
 
 
