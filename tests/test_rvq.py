@@ -279,3 +279,22 @@ def test_config_validation_names_the_key(key, value, match):
   config[section][field] = value
   with pytest.raises(ValueError, match=match):
     trainer.validate(config)
+
+
+def test_tfds_source_reads_actions_and_saved_stats(tmp_path):
+  from test_dataset import ARM, GRID, build_toy
+
+  data_dir = build_toy(tmp_path / "episodes")
+  sources, specs = trainer.load_tfds_source(str(data_dir), [ARM.name, GRID.name])
+  assert [s.name for s in specs] == [ARM.name, GRID.name] and list(sources) == [ARM.name]
+  src = sources[ARM.name]
+  from data_pipelines.rlds_builder import open_dataset
+  ds = open_dataset(data_dir, ARM.name)
+  lengths = ds.episode_lengths("train")
+  assert src.actions.shape == (int(lengths.sum()) - len(lengths), 2)  # each episode's final zero action dropped
+  assert src.episode_starts.sum() == len(lengths)
+  np.testing.assert_allclose(src.stats()["mean"], ds.normalization.action.mean)
+  first = ds.steps("train", 0)["action"][:-1]
+  np.testing.assert_array_equal(src.actions[: len(first)], first)
+  chunks = src.chunks(3)
+  assert chunks.shape[1:] == (3, 2)
