@@ -110,8 +110,11 @@ class ActionVocab:
   """Encode actions to LLM token ids and back, for one or many embodiments in a batch.
 
   ``embodiment`` arguments are a name, an index (into ``layout.specs``) or an int array ``[b]`` of
-  indices. ``encode``/``decode`` are jittable (the tokenizer's arrays become constants; pass the
-  vocab through a closure). Outside ``jit`` they validate their input and raise ``ValueError``.
+  indices. ``encode``/``decode`` are jittable: called inside a traced function they trace through
+  (the tokenizer's arrays become constants of that program; no checks possible, out-of-block ids are
+  clamped). Called on concrete arrays they validate their input (``ValueError`` naming the row,
+  position and embodiment) and run a cached ``nnx.jit`` program that takes the tokenizer as an
+  argument, so later updates of the tokenizer's state are seen.
   """
 
   def __init__(self, layout: VocabLayout, tokenizer: ActionTokenizer | None = None):

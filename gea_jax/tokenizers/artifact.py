@@ -39,10 +39,17 @@ class ArtifactError(ValueError):
   """An artifact directory is missing, damaged or not an RVQ tokenizer artifact (names the path)."""
 
 
+def _to_host(x) -> np.ndarray:
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:  # multi-process
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
 def _host_pure_dict(tokenizer: ActionTokenizer) -> dict:
-  state = nnx.state(tokenizer)
-  pure = nnx.to_pure_dict(state)
-  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), pure)
+  return jax.tree.map(_to_host, nnx.to_pure_dict(nnx.state(tokenizer)))
 
 
 def _normalization_json(tokenizer: ActionTokenizer) -> dict[str, Any]:
