@@ -65,7 +65,11 @@ def _pad_plans(plans: list, num_steps: int, filler: int) -> np.ndarray:
 
 def rollout(name: str, num_episodes: int, seed: int = 0, task_split: str = "train", *,
             batch_size: int = 32, expert: Expert | None = None) -> list[dict[str, Any]]:
-  """Runs the expert of embodiment `name` for `num_episodes` episodes; returns RLDS-style episodes."""
+  """Runs the expert of embodiment `name` for `num_episodes` episodes; returns RLDS-style episodes.
+
+  Episodes run `batch_size` at a time (the last batch padded), so calls with the same batch size
+  reuse one compiled program and give bit-identical episodes for the same seeds.
+  """
   if num_episodes < 0:
     raise ValueError(f"rollout: num_episodes must be >= 0, got {num_episodes}")
   env = registry.make(name)
@@ -74,7 +78,9 @@ def rollout(name: str, num_episodes: int, seed: int = 0, task_split: str = "trai
   if planned and expert.plan is None:
     raise ValueError(f"rollout: expert {expert.name!r} of {name!r} is neither jittable nor has a plan()")
   num_steps = env.spec.max_episode_steps
-  batch = max(1, min(batch_size, num_episodes))
+  if batch_size < 1:
+    raise ValueError(f"rollout: batch_size must be >= 1, got {batch_size}")
+  batch = batch_size  # fixed (the last batch is padded): one compiled program per (env, split, batch)
   program = _program(name, expert, task_split, num_steps, planned)
   discrete = not env.spec.action_space.is_continuous
   family = getattr(env, "task_family", "") or name

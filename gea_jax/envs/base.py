@@ -107,12 +107,11 @@ class Embodiment(abc.ABC):
 
   def instruction(self, state: EnvState) -> str | list[str]:
     """Natural-language instruction of the state's task (host side). A batched state gives a list."""
-    task = jax.tree_util.tree_map(lambda x: jax.device_get(x), state.task)
-    task_id = jax.device_get(state.task_id)
+    task, task_id = jax.device_get((state.task, state.task_id))
     if getattr(task_id, "ndim", 0) == 0:
       return self.describe_task(task, int(task_id))
-    n = task_id.shape[0]
-    return [self.instruction(jax.tree_util.tree_map(lambda x: x[i], state)) for i in range(n)]
+    return [self.describe_task(jax.tree_util.tree_map(lambda x: x[i], task), int(task_id[i]))
+            for i in range(task_id.shape[0])]
 
   def is_success(self, state: EnvState) -> jax.Array:
     """The success test of the current state (computed in `step`)."""
