@@ -72,6 +72,7 @@ def _result(t0, clock, reached_step, reached_t, steps, curve, final):
 
 def worker_ours(env_name: str, seed: int) -> dict:
   import jax
+
   from gea_jax.rl.brax_env import BraxVecEnv, make_brax_env
   from gea_jax.rl.networks import ActorCritic
   from gea_jax.rl.ppo import PPO, PPOConfig

@@ -77,7 +77,8 @@ def test_tanh_normal_log_prob_matches_numerical_density():
     for d in range(2):
       y = math.tanh(float(u[0, d]))
       h = 1e-5 * (1 - y * y)
-      cdf = lambda yy: _normal_cdf((math.atanh(yy) - float(loc[0, d])) / float(scale[0, d]))
+      mu, sigma = float(loc[0, d]), float(scale[0, d])
+      cdf = lambda yy, mu=mu, sigma=sigma: _normal_cdf((math.atanh(yy) - mu) / sigma)
       ref += math.log((cdf(y + h) - cdf(y - h)) / (2 * h))
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
   # and it integrates to one over (-1, 1) (1-D marginal, trapezoid in u-space)
@@ -208,7 +209,7 @@ def test_tiny_mlp_ppo_solves_brax_inverted_pendulum():
                                             value_hidden=(64, 64), rngs=r))
   state = ppo.init(jax.random.key(0))
   max_env_steps = 600_000
-  steps, best, history = 0, -np.inf, []
+  steps, history = 0, []
   while steps < max_env_steps:
     state, metrics = ppo.train_step(state)
     steps += ppo.env_steps_per_iteration * cfg.iterations_per_call
