@@ -44,7 +44,7 @@ def get_config(arg=None):
   config.data.split = "train"
   config.data.max_episodes = 0  # 0: all episodes of the split
   config.data.expert_episodes = 64
-  config.data.embodiments = tuple(arg.split(",")) if arg else ("reacher", "grid_goto")
+  config.data.embodiments = tuple(arg.split(",")) if arg else ("reacher", "pusher", "grid_goto")
 
   config.vocab = ml_collections.ConfigDict()
   config.vocab.llm_vocab_size = 49152  # SmolLM2

@@ -175,12 +175,12 @@ class ActionTokenizer(nnx.Module):
                            embedding_init=nnx.with_partitioning(nnx.initializers.normal(1.0), (None, None)))
     self.encoder = MLP(h * dmax + cfg.embodiment_dim, cfg.hidden, h * dl, cfg.num_layers, rngs=rngs)
     self.decoder = MLP(h * dl + cfg.embodiment_dim, cfg.hidden, h * dmax, cfg.num_layers, rngs=rngs)
-    l, k = cfg.num_levels, cfg.codebook_size
-    cb = jax.random.normal(rngs.params(), (l, k, dl), jnp.float32)
+    nl, k = cfg.num_levels, cfg.codebook_size
+    cb = jax.random.normal(rngs.params(), (nl, k, dl), jnp.float32)
     self.codebook = Codebook(cb, out_sharding=(None, "codebook", None))
-    self.ema_count = Codebook(jnp.ones((l, k), jnp.float32), out_sharding=(None, "codebook"))
+    self.ema_count = Codebook(jnp.ones((nl, k), jnp.float32), out_sharding=(None, "codebook"))
     self.ema_sum = Codebook(cb, out_sharding=(None, "codebook", None))
-    self.unused_steps = Codebook(jnp.zeros((l, k), jnp.int32), out_sharding=(None, "codebook"))
+    self.unused_steps = Codebook(jnp.zeros((nl, k), jnp.int32), out_sharding=(None, "codebook"))
     mean, std, low, high, mask, discrete = _stats_arrays(specs, stats, dmax)
     self.mean = ActionStats(jnp.asarray(mean), out_sharding=(None, None))
     self.std = ActionStats(jnp.asarray(std), out_sharding=(None, None))
@@ -315,9 +315,9 @@ class ActionTokenizer(nnx.Module):
     (``counts`` [L, K], ``perplexity`` [L], ``usage`` [L], ``restarted`` [L]).
     """
     cfg = self.cfg
-    l, k, dl = cfg.num_levels, cfg.codebook_size, cfg.latent_dim
-    codes = codes.reshape(-1, l)
-    inputs = level_inputs.reshape(-1, l, dl)
+    nl, k, dl = cfg.num_levels, cfg.codebook_size, cfg.latent_dim
+    codes = codes.reshape(-1, nl)
+    inputs = level_inputs.reshape(-1, nl, dl)
     w = jnp.repeat(weight.astype(jnp.float32), cfg.chunk_len)
     onehot = jax.nn.one_hot(codes, k, dtype=jnp.float32) * w[:, None, None]  # [N, L, K]
     counts = jnp.sum(onehot, axis=0)  # global sums: under a mesh the partitioner reduces across devices
@@ -331,8 +331,8 @@ class ActionTokenizer(nnx.Module):
     codebook = ema_sum / smoothed[..., None]
     unused = jnp.where(counts > 0, 0, self.unused_steps[...] + 1)
     dead = unused >= cfg.dead_code_threshold
-    keys = jax.random.split(key, l)
-    seeds = jnp.stack([self._sample_inputs(keys[i], inputs[:, i], w, k) for i in range(l)])  # [L, K, D]
+    keys = jax.random.split(key, nl)
+    seeds = jnp.stack([self._sample_inputs(keys[i], inputs[:, i], w, k) for i in range(nl)])  # [L, K, D]
     codebook = jnp.where(dead[..., None], seeds, codebook)
     mean_count = jnp.mean(ema_count, -1, keepdims=True)
     ema_count = jnp.where(dead, mean_count, ema_count)
