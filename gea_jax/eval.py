@@ -58,13 +58,14 @@ def text_prompts(ctx: AgentContext, e: int, instructions: Sequence[str]) -> tupl
 
 
 def make_policy_step(ctx: AgentContext, e: int, *, greedy: bool, temperature: float = 1.0):
-  """A jittable fn(model, buffers, obs, text_ids, text_mask, key) -> (env action, tokens, logp, value, buffers')."""
+  """A jittable fn(model, buffers, obs, text_ids, text_mask, key, mask_table) -> (env action, tokens, logp,
+  value, buffers'). ``mask_table`` (``vocab.mask_table``) is an argument, not a closed-over constant, so
+  XLA does not try to constant-fold the masked softmax."""
   L, vocab = ctx.layout, ctx.vocab
   mean, std = state_norm_arrays(ctx, e)
   spec = ctx.specs[e]
   ds = spec.state_dim
   n_tok = vocab.tokens_per_action(e)
-  mask_table = vocab.mask_table
 
   def push(buffers: RolloutBuffers, obs) -> RolloutBuffers:
     n = buffers.images.shape[0]
@@ -79,7 +80,7 @@ def make_policy_step(ctx: AgentContext, e: int, *, greedy: bool, temperature: fl
     return RolloutBuffers(images=roll(buffers.images, img), states=roll(buffers.states, st),
                           hist_ids=buffers.hist_ids, frame_valid=roll(buffers.frame_valid, jnp.ones((n,), bool)))
 
-  def step(model, buffers: RolloutBuffers, obs, text_ids, text_mask, key):
+  def step(model, buffers: RolloutBuffers, obs, text_ids, text_mask, key, mask_table):
     buffers = push(buffers, obs)
     n = text_ids.shape[0]
     tok_valid = jnp.broadcast_to(jnp.arange(L.action_tokens) < n_tok, (n, L.action_tokens))
@@ -145,7 +146,7 @@ def evaluate_embodiment(model, ctx: AgentContext, name: str, *, num_episodes: in
   length = np.zeros(num_episodes, np.int64)
   for t in range(spec.max_episode_steps):
     k = jax.random.fold_in(key, t + 1)
-    action, _, _, _, buffers = policy(model, buffers, states.obs, text_ids, text_mask, k)
+    action, _, _, _, buffers = policy(model, buffers, states.obs, text_ids, text_mask, k, ctx.vocab.mask_table)
     if perturb is not None and perturb[0] <= t < perturb[0] + perturb[1]:
       action = _random_actions(spec, jax.random.fold_in(k, 7), num_episodes)
     states = env_step(states, action)

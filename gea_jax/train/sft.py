@@ -108,12 +108,14 @@ def make_optimizer(s, total_steps: int) -> optax.GradientTransformation:
 # --- the jitted step ---------------------------------------------------------------------------------
 
 
-def make_train_step(ctx: AgentContext, wrt):
+def make_train_step(ctx: AgentContext, wrt, mesh):
+  """``step(model, optimizer, batch) -> metrics``, jitted once. The valid-id table is an argument placed
+  on the mesh (replicated), not a closed-over constant, so XLA does not constant-fold the masked softmax."""
   vocab, layout = ctx.vocab, ctx.layout
-  mask_table = vocab.mask_table
+  mask_table = jax.device_put(vocab.mask_table, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
   @nnx.jit
-  def train_step(model: AgentModel, optimizer: nnx.Optimizer, batch):
+  def train_step(model: AgentModel, optimizer: nnx.Optimizer, batch, mask_table):
     batch = fill_action_ids(vocab, layout, batch)
 
     def loss_fn(model):
@@ -121,10 +123,10 @@ def make_train_step(ctx: AgentContext, wrt):
 
     (loss, metrics), grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)(model)
     optimizer.update(model, grads)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return metrics
 
-  return train_step
+  return lambda model, optimizer, batch: train_step(model, optimizer, batch, mask_table)
 
 
 MODEL_KEYS = ("input_ids", "attention_mask", "positions", "targets", "loss_mask", "image", "state", "actions",
@@ -142,6 +144,17 @@ def device_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
   return out
 
 
+def make_iterator(config, ctx: AgentContext, data_dir: str, embodiments):
+  """The grain iterator of this process's part of the SFT batches (tokenized by the agent's hook)."""
+  from data_pipelines.pipeline import make_train_iterator
+  s = config.sft
+  return make_train_iterator(data_dir, embodiments, _weights(config, embodiments),
+                             batch_size=int(s.batch_size) // jax.process_count(), seq_len=None,
+                             history=int(config.data.history), tokenize=sequence_builder(ctx, embodiments),
+                             seed=int(config.seed), split="train", num_workers=int(s.num_workers),
+                             image_size=ctx.image_size, normalization=ctx.normalization)
+
+
 @dataclasses.dataclass
 class SftResult:
   model: AgentModel
@@ -152,33 +165,36 @@ class SftResult:
   curves: dict[str, list[tuple[int, float]]]
 
 
-def train(config, workdir: str, *, artifact_dir: str, data_dir: str, embodiments=None,
-          eval_fn=None) -> SftResult:
-  """Runs (or resumes) SFT in ``workdir``. ``eval_fn(model, ctx, step) -> metrics`` runs periodically."""
+def setup_model(config, ctx: AgentContext, mesh, rules):
+  """The agent, placed on ``mesh``, its trainable filter and its optimizer."""
   s = config.sft
-  embodiments = list(embodiments or [e for e in str(config.data.embodiments).split(",") if e])
-  ctx = load_context(config, artifact_dir, data_dir, embodiments)
-  mesh = sharding.make_mesh(tuple(config.mesh.shape))
-  rules = sharding.rules_from_config(config.sharding.rules) if config.get("sharding") else sharding.DEFAULT_RULES
-
   model = build_agent(config.model, ctx.layout, ctx.max_state_dim, ctx.vocab.total_vocab_size,
                       seed=int(config.seed))
   sharding.shard_module(model, mesh, rules)
   wrt = trainable_filter(config.model)
-  tx = make_optimizer(s, int(s.steps) * int(s.grad_accum))
-  optimizer = nnx.Optimizer(model, tx, wrt=wrt)
+  optimizer = nnx.Optimizer(model, make_optimizer(s, int(s.steps) * int(s.grad_accum)), wrt=wrt)
+  sharding.shard_module(optimizer, mesh, rules)  # moments follow their parameters' logical axes
+  return model, optimizer, wrt
+
+
+def mesh_and_rules(config, mesh=None):
+  rules = sharding.rules_from_config(config.sharding.rules) if config.get("sharding") else sharding.DEFAULT_RULES
+  return (mesh if mesh is not None else sharding.make_mesh(tuple(config.mesh.shape))), rules
+
+
+def train(config, workdir: str, *, artifact_dir: str, data_dir: str, embodiments=None, eval_fn=None,
+          mesh=None) -> SftResult:
+  """Runs (or resumes) SFT in ``workdir``. ``eval_fn(model, ctx, step) -> metrics`` runs periodically."""
+  s = config.sft
+  embodiments = list(embodiments or [e for e in str(config.data.embodiments).split(",") if e])
+  ctx = load_context(config, artifact_dir, data_dir, embodiments)
+  mesh, rules = mesh_and_rules(config, mesh)
+  model, optimizer, wrt = setup_model(config, ctx, mesh, rules)
   n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, wrt)))
   n_total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   logging.info("SFT: %d trainable of %d parameters (%s)", n_train, n_total, config.model.train_mode)
 
-  process_batch = int(s.batch_size) // jax.process_count()
-  from data_pipelines.pipeline import make_train_iterator
-  hook = sequence_builder(ctx, embodiments)
-  weights = _weights(config, embodiments)
-  iterator = make_train_iterator(data_dir, embodiments, weights, batch_size=process_batch, seq_len=None,
-                                 history=int(config.data.history), tokenize=hook, seed=int(config.seed),
-                                 split="train", num_workers=int(s.num_workers),
-                                 image_size=ctx.image_size, normalization=ctx.normalization)
+  iterator = make_iterator(config, ctx, data_dir, embodiments)
 
   ckpt = Checkpointer(os.path.join(workdir, "sft"), keep=int(s.keep_checkpoints),
                       save_every=int(s.checkpoint_every), config=config)
@@ -193,7 +209,7 @@ def train(config, workdir: str, *, artifact_dir: str, data_dir: str, embodiments
     start = restored.step
     logging.info("SFT: resumed from step %d (%s)", start, restored.path)
 
-  train_step = make_train_step(ctx, wrt)
+  train_step = make_train_step(ctx, wrt, mesh)
   writer = MetricWriter(os.path.join(workdir, "sft"), resume_step=start if start else None)
   preempt = install_sigterm_handler()
   total = int(s.steps)
