@@ -60,8 +60,11 @@ class Proj(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = jnp.dtype(self.dtype)
-    y = jnp.tensordot(x.astype(dt), self.kernel[...].astype(dt), axes=len(self.in_shape))
-    return self.add_bias_and_adapter(x, y)
+    lead = x.shape[:x.ndim - len(self.in_shape)]
+    k_in = math.prod(self.in_shape)
+    # a plain 2-D matmul: XLA-CPU picks its fast GEMM path more reliably than for N-D tensordots
+    y = jnp.dot(x.astype(dt).reshape(-1, k_in), self.kernel[...].astype(dt).reshape(k_in, -1))
+    return self.add_bias_and_adapter(x, y.reshape(lead + self.out_shape))
 
   def add_bias_and_adapter(self, x: jax.Array, y: jax.Array) -> jax.Array:
     """y (the kernel product) + bias + the active LoRA adapter's output."""

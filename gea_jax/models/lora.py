@@ -72,9 +72,13 @@ class LoraAdapter(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = jnp.dtype(self.dtype)
-    n = self.lora_a.ndim - 1
-    h = jnp.tensordot(x.astype(dt), self.lora_a[...].astype(dt), axes=n)
-    return jnp.tensordot(h, (self.lora_b[...] * self.scale).astype(dt), axes=1)
+    a, b = self.lora_a[...], self.lora_b[...]
+    n_in = a.ndim - 1
+    lead, k_in = x.shape[:x.ndim - n_in], math.prod(a.shape[:-1])
+    # as 2-D matmuls: XLA-CPU handles the rank-r products far better than as N-D tensordots
+    h = jnp.dot(x.astype(dt).reshape(-1, k_in), a.astype(dt).reshape(k_in, self.rank))
+    y = jnp.dot(h, (b * self.scale).astype(dt).reshape(self.rank, -1))
+    return y.reshape(lead + b.shape[1:])
 
   def delta(self) -> jax.Array:
     """scale * A B, shaped like the base kernel (float32)."""
