@@ -4,7 +4,9 @@
 
 Measures in one run, on the same machine: the XLA f32 matmul ceiling (2048^3), the JAX full
 fine-tuning step, the JAX LoRA (r=16, all attention + MLP projections) step, and the PyTorch full
-fine-tuning step (batch 4, sequence 256, random init). Prints a table, then as its last line one
+fine-tuning step (batch 4, sequence 256, random init). The four run round robin (a warm-up round,
+then --steps timed rounds; medians reported) so each sees the same background load on a shared
+machine. Prints a table, then as its last line one
 JSON object with tokens_per_s_jax, tokens_per_s_torch, ratio_vs_torch, lora_tokens_per_s and
 fraction_of_matmul_peak (6 * N * T model FLOPs of the full step / seconds / matmul peak).
 """
@@ -31,24 +33,13 @@ SMOLLM2_135M = LlmConfig(vocab_size=49152, hidden_size=576, intermediate_size=15
                          rope_theta=100000.0, tie_word_embeddings=True, max_position_embeddings=8192)
 
 
-def _median_time(fn, steps: int, warmup: int = 1) -> float:
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
-def matmul_peak(n: int = 2048, steps: int = 5) -> float:
-  """Measured XLA f32 matmul throughput (FLOP/s) for an n^3 product."""
+def matmul_fn(n: int = 2048):
+  """A runner of one XLA f32 n^3 matmul, and its FLOPs."""
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
   f = jax.jit(lambda a, b: a @ b)
-  t = _median_time(lambda: f(a, b).block_until_ready(), steps, warmup=2)
-  return 2 * n ** 3 / t
+  f(a, b).block_until_ready()
+  return lambda: f(a, b).block_until_ready(), 2 * n ** 3
 
 
 def lm_loss(model: CausalLM, ids: jax.Array) -> jax.Array:
@@ -75,7 +66,8 @@ def make_step(model: CausalLM, trainable, tx):
   return jax.jit(step, donate_argnums=(0, 1)), train, opt_state, frozen
 
 
-def bench_jax(cfg: LlmConfig, ids: np.ndarray, steps: int, lora_rank: int | None) -> tuple[float, float]:
+def jax_step_fn(cfg: LlmConfig, ids: np.ndarray, lora_rank: int | None):
+  """A runner of one compiled JAX training step (full or LoRA), and the compile time."""
   model = CausalLM(cfg, rngs=nnx.Rngs(0))
   trainable = nnx.Param
   if lora_rank:
@@ -94,10 +86,11 @@ def bench_jax(cfg: LlmConfig, ids: np.ndarray, steps: int, lora_rank: int | None
     state["train"], state["opt"], loss = compiled(state["train"], state["opt"], frozen, ids)
     loss.block_until_ready()
 
-  return _median_time(run, steps), compile_s
+  return run, compile_s
 
 
-def bench_torch(cfg: LlmConfig, ids: np.ndarray, steps: int) -> float:
+def torch_step_fn(cfg: LlmConfig, ids: np.ndarray):
+  """A runner of one transformers/PyTorch AdamW step of the same model."""
   import torch
   import transformers
 
@@ -115,7 +108,13 @@ def bench_torch(cfg: LlmConfig, ids: np.ndarray, steps: int) -> float:
     loss.backward()
     opt.step()
 
-  return _median_time(run, steps)
+  return run
+
+
+def timed(fn) -> float:
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
 
 
 def main():
@@ -134,13 +133,29 @@ def main():
   n_params = cfg.num_params()
   flops = 6 * n_params * tokens
 
-  peak = matmul_peak()
-  t_full, c_full = bench_jax(cfg, ids, args.steps, None)
-  t_lora, c_lora = bench_jax(cfg, ids, args.steps, args.lora_rank)
-  t_torch = float("nan") if args.skip_torch else bench_torch(cfg, ids, args.steps)
-  peak_after = matmul_peak()
+  mm, mm_flops = matmul_fn()
+  runners = {"matmul": lambda: [mm() for _ in range(5)]}
+  runners["full"], c_full = jax_step_fn(cfg, ids, None)
+  runners["lora"], c_lora = jax_step_fn(cfg, ids, args.lora_rank)
+  if not args.skip_torch:
+    runners["torch"] = torch_step_fn(cfg, ids)
+  # Round robin (one warm-up round, then --steps timed rounds) so that every contender sees the
+  # same background load; the machine is shared, so absolute times drift, ratios much less.
+  times: dict[str, list[float]] = {k: [] for k in runners}
+  for rnd in range(args.steps + 1):
+    for name, fn in runners.items():
+      t = timed(fn)
+      if rnd:
+        times[name].append(t)
+    print(f"round {rnd}: " + ", ".join(f"{k} {v[-1] if rnd else 0:.2f}s" for k, v in times.items()), flush=True)
+  med = {k: statistics.median(v) for k, v in times.items()}
+  peak = 5 * mm_flops / med["matmul"]
+  t_full, t_lora = med["full"], med["lora"]
+  t_torch = med.get("torch", float("nan"))
+  # per round: the step's model FLOP rate over the matmul rate measured right beside it
+  fractions = [flops / f / (5 * mm_flops / m) for f, m in zip(times["full"], times["matmul"])]
 
-  rows = [("xla f32 matmul 2048^3 (start)", None, peak / 1e9), ("xla f32 matmul 2048^3 (end)", None, peak_after / 1e9),
+  rows = [("xla f32 matmul 2048^3", None, peak / 1e9),
           ("jax full fine-tune", t_full, flops / t_full / 1e9), ("jax lora r=%d" % args.lora_rank, t_lora, None),
           ("torch full fine-tune", t_torch, flops / t_torch / 1e9)]
   print(f"model: {n_params / 1e6:.1f}M params, {cfg.num_hidden_layers} layers; batch {args.batch} x seq "
@@ -158,8 +173,9 @@ def main():
     "ratio_vs_torch": round(t_torch / t_full, 3),
     "lora_tokens_per_s": round(tokens / t_lora, 2),
     "lora_speedup_vs_full": round(t_full / t_lora, 3),
-    "fraction_of_matmul_peak": round(flops / t_full / max(peak, peak_after), 3),
-    "matmul_peak_gflops": round(max(peak, peak_after) / 1e9, 1),
+    "fraction_of_matmul_peak": round(flops / t_full / peak, 3),
+    "fraction_of_matmul_peak_per_round": [round(f, 3) for f in fractions],
+    "matmul_peak_gflops": round(peak / 1e9, 1),
     "model_params": n_params,
   }
   print(json.dumps(result))
