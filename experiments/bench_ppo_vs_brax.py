@@ -105,6 +105,7 @@ def worker_ours(env_name: str, seed: int) -> dict:
     if cnt >= 100:
       final = tot / cnt
       curve.append((steps, round(time.time() - t0, 2), round(final, 2)))
+      print(f"ours {env_name}: {curve[-1]}", file=sys.stderr, flush=True)
       if final >= p["threshold"]:
         reached_step, reached_t = steps, time.time() - t0
         break
@@ -132,6 +133,7 @@ def worker_brax(env_name: str, seed: int) -> dict:
       return
     box["final"] = float(r)
     curve.append((int(step), round(time.time() - t0, 2), round(float(r), 2)))
+    print(f"brax {env_name}: {curve[-1]}", file=sys.stderr, flush=True)
     if float(r) >= p["threshold"] and box["step"] is None:
       box["step"], box["t"] = int(step), time.time() - t0
       raise _Reached()

@@ -32,9 +32,13 @@ from gea_jax.rl import normalization as norm
 from gea_jax.rl.brax_env import BRAX_BACKENDS, BraxVecEnv, make_brax_env
 from gea_jax.rl.networks import ACTIVATIONS, ActorCritic
 from gea_jax.rl.ppo import PPO, PPOConfig, episode_summary
+from gea_jax.rl.toy_envs import PointMass
 from gea_jax.train.loop_utils import check_finite, install_sigterm_handler
 
 logger = logging.getLogger(__name__)
+
+# Pure-JAX toy tasks usable in place of a Brax env (fast smoke tests of the whole trainer).
+TOY_ENVS = {"point_mass": PointMass}
 
 _PPO_KEYS = tuple(f.name for f in PPOConfig.__dataclass_fields__.values())
 
@@ -51,7 +55,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   positive(config, "total_env_steps")
   if get(config, "target_return") is not None:
     check_type(config, "target_return", (int, float))
-  one_of(config, "env.name", sorted(envs._envs))  # pylint: disable=protected-access
+  one_of(config, "env.name", sorted(envs._envs) + sorted(TOY_ENVS))  # pylint: disable=protected-access
   one_of(config, "env.backend", BRAX_BACKENDS)
   positive(config, "env.episode_length")
   positive(config, "env.action_repeat")
@@ -72,12 +76,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
   positive(config, "keep_checkpoints")
   positive(config, "eval_episodes", allow_zero=True)
   try:
-    shape = shd.resolve_mesh_shape(tuple(config.mesh.shape), jax.device_count())
+    shape = shd.resolve_mesh_shape(tuple(config.mesh.shape), len(_mesh_devices(config)))
   except ValueError as e:
     raise ConfigError(f"mesh.shape: {e}") from None
   data = shape[0] * shape[1]
   require(config.ppo.num_envs % data == 0, "ppo.num_envs", f"must be divisible by the {data} data-parallel devices",
           config.ppo.num_envs)
+
+
+def make_env(name: str, backend: str = "positional"):
+  """A Brax env by name (``backend`` applies), or one of ``TOY_ENVS``."""
+  if name in TOY_ENVS:
+    return TOY_ENVS[name]()
+  return make_brax_env(name, backend)
+
+
+def _mesh_devices(config) -> list:
+  """All devices for a shape with -1; otherwise the first prod(shape) devices (e.g. (1, 1, 1) = one device)."""
+  shape = tuple(config.mesh.shape)
+  devices = jax.devices()
+  if -1 in shape:
+    return devices
+  return devices[:max(1, math.prod(shape))]
 
 
 def _model_factory(obs_dim: int, action_dim: int, network) -> Callable[[nnx.Rngs], nnx.Module]:
@@ -89,8 +109,8 @@ def _model_factory(obs_dim: int, action_dim: int, network) -> Callable[[nnx.Rngs
 
 def build(config, mesh=None) -> PPO:
   """The env and learner described by ``config`` (on ``mesh``, default: from ``config.mesh.shape``)."""
-  mesh = mesh if mesh is not None else shd.make_mesh(tuple(config.mesh.shape))
-  env = BraxVecEnv(make_brax_env(config.env.name, config.env.backend), config.ppo.num_envs,
+  mesh = mesh if mesh is not None else shd.make_mesh(tuple(config.mesh.shape), _mesh_devices(config))
+  env = BraxVecEnv(make_env(config.env.name, config.env.backend), config.ppo.num_envs,
                    config.env.episode_length, config.env.action_repeat)
   return PPO(ppo_config(config), env, _model_factory(env.observation_size, env.action_size, config.network), mesh)
 
@@ -228,7 +248,7 @@ def load_policy(workdir: str, *, deterministic: bool = True, step: int | None = 
     raise ckpt_lib.CheckpointError(f"{reader.step_dir(step)}: not a ppo_mlp checkpoint (trainer="
                                    f"{cfg.get('trainer')!r})")
   network = ml_collections.ConfigDict(cfg["network"])
-  env = make_brax_env(cfg["env"]["name"], cfg["env"]["backend"])
+  env = make_env(cfg["env"]["name"], cfg["env"]["backend"])
   obs_dim, act_dim = int(env.observation_size), int(env.action_size)
   factory = _model_factory(obs_dim, act_dim, network)
   graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: factory(nnx.Rngs(0))), nnx.Param)
