@@ -35,7 +35,7 @@ SETTINGS = {
         reward_scaling=10.0, episode_length=1000, action_repeat=1, gae_lambda=0.95, clipping_epsilon=0.3,
         policy_hidden=(32, 32, 32, 32), value_hidden=(256, 256, 256, 256, 256)),
     "reacher": dict(
-        threshold=-15.0, max_env_steps=12_000_000, num_envs=256, batch_size=256, num_minibatches=8,
+        threshold=-200.0, max_env_steps=4_000_000, num_envs=256, batch_size=256, num_minibatches=8,
         unroll_length=10, num_updates_per_batch=4, discounting=0.95, learning_rate=1e-3, entropy_cost=1e-3,
         reward_scaling=5.0, episode_length=1000, action_repeat=4, gae_lambda=0.95, clipping_epsilon=0.3,
         policy_hidden=(32, 32, 32, 32), value_hidden=(256, 256, 256, 256, 256)),
@@ -127,10 +127,11 @@ def worker_brax(env_name: str, seed: int) -> dict:
   curve, box = [], {"step": None, "t": None, "final": None, "steps": 0}
 
   def progress(step, metrics):
-    box["steps"] = int(step)
     r = metrics.get("episode/sum_reward")
-    if r is None:
+    if r is None:  # the end-of-epoch call (env steps, no episode metrics)
       return
+    step = int(step) * p["action_repeat"]  # Brax's training logger counts agent steps, not env steps
+    box["steps"] = step
     box["final"] = float(r)
     curve.append((int(step), round(time.time() - t0, 2), round(float(r), 2)))
     print(f"brax {env_name}: {curve[-1]}", file=sys.stderr, flush=True)
