@@ -133,9 +133,10 @@ def test_one_step_equals_single_device(assets, shape):
   for mesh in (sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]), sharding.make_mesh(shape)):
     mesh, rules = sft.mesh_and_rules(config, mesh)
     model, opt, wrt = sft.setup_model(config, ctx, mesh, rules)
-    step = sft.make_train_step(ctx, wrt, mesh)
+    step = sft.TrainStep(ctx, model, opt, wrt, mesh)
     with sharding.use_mesh(mesh, rules):
-      out = step(model, opt, sft.device_batch(batch, mesh))
+      out = step(sft.device_batch(batch, mesh))
+    step.sync()
     results.append((float(out["loss"]), _params(model)))
   (l1, p1), (l2, p2) = results
   assert abs(l1 - l2) < 1e-5

@@ -108,25 +108,43 @@ def make_optimizer(s, total_steps: int) -> optax.GradientTransformation:
 # --- the jitted step ---------------------------------------------------------------------------------
 
 
-def make_train_step(ctx: AgentContext, wrt, mesh):
-  """``step(model, optimizer, batch) -> metrics``, jitted once. The valid-id table is an argument placed
-  on the mesh (replicated), not a closed-over constant, so XLA does not constant-fold the masked softmax."""
-  vocab, layout = ctx.vocab, ctx.layout
-  mask_table = jax.device_put(vocab.mask_table, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+class TrainStep:
+  """The SFT step, jitted once over the split (graphdef, state) of model + optimizer.
 
-  @nnx.jit
-  def train_step(model: AgentModel, optimizer: nnx.Optimizer, batch, mask_table):
-    batch = fill_action_ids(vocab, layout, batch)
+  Working on the split state avoids NNX's graph traversal on every call and lets the state buffers be
+  donated. The model/optimizer objects are only brought up to date by ``sync()`` (before checkpoints,
+  evaluation and at the end). The valid-id table is an argument placed on the mesh (replicated), not a
+  closed-over constant, so XLA does not constant-fold the masked softmax.
+  """
 
-    def loss_fn(model):
-      return sft_loss(model, layout, batch, mask_table)
+  def __init__(self, ctx: AgentContext, model: AgentModel, optimizer: nnx.Optimizer, wrt, mesh):
+    vocab, layout = ctx.vocab, ctx.layout
+    self.model, self.optimizer = model, optimizer
+    graphdef, self.state = nnx.split((model, optimizer))
+    self.mask_table = jax.device_put(vocab.mask_table,
+                                     jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
-    (loss, metrics), grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)(model)
-    optimizer.update(model, grads)
-    metrics["grad_norm"] = optax.tree.norm(grads)
+    def step(state, batch, mask_table):
+      model, optimizer = nnx.merge(graphdef, state)
+      batch = fill_action_ids(vocab, layout, batch)
+
+      def loss_fn(model):
+        return sft_loss(model, layout, batch, mask_table)
+
+      (_, metrics), grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)(model)
+      optimizer.update(model, grads)
+      metrics["grad_norm"] = optax.tree.norm(grads)
+      return nnx.state((model, optimizer)), metrics
+
+    self._step = jax.jit(step, donate_argnums=0)
+
+  def __call__(self, batch) -> dict[str, jax.Array]:
+    self.state, metrics = self._step(self.state, batch, self.mask_table)
     return metrics
 
-  return lambda model, optimizer, batch: train_step(model, optimizer, batch, mask_table)
+  def sync(self) -> tuple[AgentModel, nnx.Optimizer]:
+    nnx.update((self.model, self.optimizer), self.state)
+    return self.model, self.optimizer
 
 
 MODEL_KEYS = ("input_ids", "attention_mask", "positions", "targets", "loss_mask", "image", "state", "actions",
@@ -209,7 +227,7 @@ def train(config, workdir: str, *, artifact_dir: str, data_dir: str, embodiments
     start = restored.step
     logging.info("SFT: resumed from step %d (%s)", start, restored.path)
 
-  train_step = make_train_step(ctx, wrt, mesh)
+  train_step = TrainStep(ctx, model, optimizer, wrt, mesh)
   writer = MetricWriter(os.path.join(workdir, "sft"), resume_step=start if start else None)
   preempt = install_sigterm_handler()
   total = int(s.steps)
@@ -222,7 +240,7 @@ def train(config, workdir: str, *, artifact_dir: str, data_dir: str, embodiments
       t_step = time.time()
       for _ in range(int(s.grad_accum)):
         batch = device_batch(next(iterator), mesh)
-        out = train_step(model, optimizer, batch)
+        out = train_step(batch)
       step += 1
       samples += int(s.batch_size) * int(s.grad_accum)
       if step % int(s.log_every) == 0 or step == total:
@@ -234,17 +252,20 @@ def train(config, workdir: str, *, artifact_dir: str, data_dir: str, embodiments
         bar.set_metrics(loss=metrics["loss"], acc=metrics["token_accuracy"])
       bar.update(1)
       if eval_fn is not None and int(s.eval_every) and step % int(s.eval_every) == 0 and step < total:
+        train_step.sync()
         writer.scalars(step, {f"eval/{k}": v for k, v in eval_fn(model, ctx, step).items()})
       save_now = ckpt.should_save(step) or step == total or preempt.requested
       if save_now:
         if not metrics or step % int(s.log_every):
           check_finite(float(jax.device_get(out["loss"])), step, checkpointer=ckpt)
+        train_step.sync()
         ckpt.save(step, params=nnx.state(model, wrt), opt_state=nnx.state(optimizer),
                   rng=jax.random.key(int(config.seed)), data_state=iterator.get_state(), force=True,
                   extra={k: float(v) for k, v in metrics.items()})
       if preempt.requested:
         logging.warning("SFT: SIGTERM received; checkpoint saved at step %d, exiting", step)
         break
+  train_step.sync()
   ckpt.close()
   writer.flush()
   curves = writer.curves()
