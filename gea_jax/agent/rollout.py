@@ -1,0 +1,171 @@
+"""Jitted multi-step rollouts of the VLM policy for PPO, built on `gea_jax.eval.make_policy_step`.
+
+`make_collector(ctx, e, env, T)` returns ``collect(model, start, key, mask_table) -> (Trajectory, bootstrap
+value)``: a `lax.scan` over ``T`` env steps of N environments of one embodiment. Each step builds the prompt
+on device, samples the action's tokens one by one with the KV cache (`decode_action_tokens`), steps the env,
+and auto-resets finished episodes. Instructions are host-side text, so resets draw from a *reset pool*:
+``P`` reset states sampled and tokenized on the host before the call (`make_reset_pool`); env ``i`` takes
+the next pool entry when its episode ends. The trajectory stores what the update needs to rebuild the full
+teacher-forced sequence (prompt + the sampled action ids) with `prompt.assemble`.
+
+`decode_without_cache` is the reference decoder (recompute the whole context for every action token),
+used by the KV-cache tests and the rollout benchmark.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from gea_jax.agent.context import AgentContext
+from gea_jax.agent.policy import Decoded, masked_logits
+from gea_jax.agent.prompt import PromptLayout, assemble
+from gea_jax.eval import init_buffers, instructions_of, make_policy_step, text_prompts
+
+
+@struct.dataclass
+class ResetPool:
+  """``P`` freshly reset env states with their tokenized instructions (leading axis P)."""
+
+  states: object          # EnvState [P, ...]
+  text_ids: jax.Array     # [P, text_len]
+  text_mask: jax.Array    # [P, text_len]
+
+
+@struct.dataclass
+class Trajectory:
+  """Time-major ``[T, N, ...]`` data of one embodiment's rollout."""
+
+  images: jax.Array       # [T, N, F, H, W, 3] uint8 frames of the prompt
+  states: jax.Array       # [T, N, F, Ds] normalized states
+  frame_valid: jax.Array  # [T, N, F] bool
+  hist_ids: jax.Array     # [T, N, F-1, Ta] history action ids in the prompt
+  text_ids: jax.Array     # [T, N, text_len]
+  text_mask: jax.Array    # [T, N, text_len]
+  tokens: jax.Array       # [T, N, Ta] sampled action ids (pad where unused)
+  logp: jax.Array         # [T, N] summed log-prob of the sampled tokens
+  value: jax.Array        # [T, N]
+  reward: jax.Array       # [T, N]
+  termination: jax.Array  # [T, N] episode ended by success (no bootstrap)
+  truncation: jax.Array   # [T, N] episode ended by the time limit
+  success: jax.Array      # [T, N]
+
+
+def make_reset_pool(env, ctx: AgentContext, e: int, key: jax.Array, size: int, split: str = "train") -> ResetPool:
+  """Host side: ``size`` reset states and their tokenized instructions."""
+  reset = _jitted_reset(env, split)
+  states = reset(jax.random.split(key, size))
+  ids, mask = text_prompts(ctx, e, instructions_of(env, states, size))
+  return ResetPool(states=states, text_ids=jnp.asarray(ids), text_mask=jnp.asarray(mask))
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_reset(env, split: str):
+  return jax.jit(jax.vmap(functools.partial(env.reset, task_split=split)))
+
+
+def _take(tree, idx):
+  return jax.tree.map(lambda x: x[idx], tree)
+
+
+def _where_rows(done, new, old):
+  def one(a, b):
+    return jnp.where(done.reshape(done.shape + (1,) * (a.ndim - 1)), a, b)
+  return jax.tree.map(one, new, old)
+
+
+def make_collector(ctx: AgentContext, e: int, env, num_steps: int, *, greedy: bool = False,
+                   temperature: float = 1.0):
+  """``collect(model, pool, num_envs, key, mask_table) -> (Trajectory, bootstrap_value [N], stats)``.
+
+  Envs start from ``pool[:N]``; the k-th episode end (over all envs, in row order per step) takes
+  ``pool[N + k mod (P - N)]``. Not jitted here: wrap it (the trainer jits it over split model state).
+  """
+  policy = make_policy_step(ctx, e, greedy=greedy, temperature=temperature)
+  spec = ctx.specs[e]
+
+  def collect(model, pool: ResetPool, num_envs: int, key, mask_table):
+    n = num_envs
+    p = pool.text_ids.shape[0]
+    if p <= n:
+      raise ValueError(f"reset pool of {p} states must be larger than num_envs={n}")
+    first = jnp.arange(n)
+    carry0 = (_take(pool.states, first), init_buffers(ctx, n), pool.text_ids[:n], pool.text_mask[:n],
+              jnp.zeros((), jnp.int32))
+    fresh = init_buffers(ctx, n)
+
+    def step(carry, k):
+      env_state, buffers, text_ids, text_mask, used = carry
+      action, tokens, logp, value, new_buffers = policy(model, buffers, env_state.obs, text_ids, text_mask, k,
+                                                        mask_table)
+      nxt = jax.vmap(env.step)(env_state, action)
+      done = nxt.done
+      out = Trajectory(images=new_buffers.images, states=new_buffers.states, frame_valid=new_buffers.frame_valid,
+                       hist_ids=buffers.hist_ids, text_ids=text_ids, text_mask=text_mask, tokens=tokens, logp=logp,
+                       value=value, reward=nxt.reward, termination=nxt.terminal & done,
+                       truncation=done & ~nxt.terminal, success=nxt.success & done)
+      # auto-reset: finished rows take the next pool entries
+      rank = jnp.cumsum(done.astype(jnp.int32)) - 1
+      idx = n + (used + rank) % (p - n)
+      env_state = _where_rows(done, _take(pool.states, idx), nxt)
+      text_ids = jnp.where(done[:, None], pool.text_ids[idx], text_ids)
+      text_mask = jnp.where(done[:, None], pool.text_mask[idx], text_mask)
+      new_buffers = _where_rows(done, fresh, new_buffers)
+      return (env_state, new_buffers, text_ids, text_mask, used + done.sum()), out
+
+    k_steps, k_boot = jax.random.split(key)
+    carry, traj = jax.lax.scan(step, carry0, jax.random.split(k_steps, num_steps))
+    env_state, buffers, text_ids, text_mask, _ = carry
+    _, _, _, boot, _ = policy(model, buffers, env_state.obs, text_ids, text_mask, k_boot, mask_table)
+    return traj, boot
+
+  collect.spec = spec
+  return collect
+
+
+def sequences(layout: PromptLayout, traj: Trajectory, token_valid: jax.Array) -> dict[str, jax.Array]:
+  """Full teacher-forced sequences (prompt + sampled action ids) of flattened rows ``[B, ...]``."""
+  out = assemble(layout, jnp, traj.text_ids, traj.text_mask, traj.frame_valid, traj.hist_ids, token_valid,
+                 target_action_ids=traj.tokens)
+  out.update(image=traj.images, state=traj.states)
+  return out
+
+
+def decode_without_cache(model, layout: PromptLayout, prompt, mask_table, token_valid, key, *, greedy: bool,
+                         temperature: float = 1.0) -> Decoded:
+  """Like `decode_action_tokens`, but each action token re-runs the whole context (no KV cache).
+
+  The sequence is the full ``seq_len`` layout with the not-yet-sampled action slots masked out; causal
+  attention makes the hidden state at ``prompt_len - 1 + j`` depend only on the prompt and tokens < j.
+  """
+  b = prompt["input_ids"].shape[0]
+  T, P = layout.action_tokens, layout.prompt_len
+  emb = prompt["embodiment_id"]
+  tokens = jnp.full((b, T), layout.pad_id, jnp.int32)
+  total = jnp.zeros((b,), jnp.float32)
+  value = jnp.zeros((b,), jnp.float32)
+  pos0 = prompt["positions"][:, -1]
+  for j in range(T):
+    done_mask = (jnp.arange(T) < j)[None] & token_valid
+    ids = jnp.concatenate([prompt["input_ids"], jnp.where(done_mask, tokens, layout.pad_id)], 1)
+    mask = jnp.concatenate([prompt["attention_mask"], done_mask.astype(jnp.int32)], 1)
+    positions = jnp.concatenate([prompt["positions"], pos0[:, None] + jnp.cumsum(done_mask, 1)], 1)
+    out = model.forward(ids, prompt["image"], prompt["state"], mask, positions)
+    h = out.hidden_states[:, P - 1 + j:P + j]
+    if j == 0 and model.vlm.value_head is not None:
+      value = model.value(h[:, 0])
+    logits = masked_logits(model, h, emb, mask_table, first_pos=j)[:, 0]
+    logp_all = jax.nn.log_softmax(logits / (1.0 if greedy else temperature), axis=-1)
+    key, sub = jax.random.split(key)
+    tok = jnp.argmax(logits, -1) if greedy else jax.random.categorical(sub, logp_all)
+    used = token_valid[:, j]
+    tok = jnp.where(used, tok, layout.pad_id).astype(jnp.int32)
+    total = total + jnp.where(used, jnp.take_along_axis(logp_all, tok[:, None], -1)[:, 0], 0.0)
+    tokens = tokens.at[:, j].set(tok)
+  return Decoded(tokens, total, value)
+
+
+__all__ = ["ResetPool", "Trajectory", "make_reset_pool", "make_collector", "sequences", "decode_without_cache"]

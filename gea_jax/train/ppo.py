@@ -1,0 +1,334 @@
+"""Stage 2: online PPO of the VLM agent in the embodiments' JAX environments.
+
+``python -m gea_jax.main --config=configs/ppo.py --workdir=DIR`` (``ppo.sft_workdir`` names the SFT run to
+start from), or ``train(config, workdir, model, ctx, embodiments)`` after SFT in the end-to-end pipeline.
+
+One iteration: for every embodiment, ``ppo.num_envs`` envs run ``ppo.unroll_length`` steps
+(`gea_jax.agent.rollout`: the prompt is built on device, the action tokens are sampled one by one with the
+KV cache and constrained to the embodiment's ids; the action's log-prob is the sum over its tokens, the value
+head reads the prompt's last hidden state; episodes auto-reset). GAE per embodiment (`gea_jax.rl.gae`), then
+``ppo.num_epochs`` epochs of minibatches (`gea_jax.rl.ppo.sgd_epochs`) whose loss re-scores the stored full
+sequences (prompt + sampled ids) in one teacher-forced pass (`action_scores`): clipped surrogate, clipped
+value loss, entropy bonus, and optionally a KL penalty to the frozen starting (SFT) policy. What trains is
+``ppo.train_mode`` (or ``model.train_mode`` when empty): "lora" (LoRA + value head + non-LLM parts + the
+embedding table; GEA), "frozen" (LLM frozen, adapters = vision/projector/state/value; LLaRP) or "full".
+The collector and the update are each one jitted call over the split (trainable, frozen) model state.
+
+Every iteration starts from freshly reset envs drawn from ``fold_in(seed, iteration)``, so a checkpoint
+(trainable params, optimizer state, iteration) resumes bit-exactly without saving simulator state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from gea_jax import config_validation as cv
+from gea_jax.agent.context import AgentContext
+from gea_jax.agent.model import AgentModel, trainable_filter
+from gea_jax.agent.policy import action_scores
+from gea_jax.agent.rollout import make_collector, make_reset_pool, sequences
+from gea_jax.checkpoint import Checkpointer, abstract_like
+from gea_jax.reporting import MetricWriter, Progress
+from gea_jax.rl.gae import compute_gae
+from gea_jax.rl.losses import ppo_loss
+from gea_jax.rl.ppo import sgd_epochs
+from gea_jax.train.loop_utils import check_finite, install_sigterm_handler
+
+
+def ppo_defaults() -> ml_collections.ConfigDict:
+  """The ``ppo`` config section (tiny CPU defaults)."""
+  c = ml_collections.ConfigDict()
+  c.iterations = 4
+  c.embodiments = ""            # "" = data.embodiments
+  c.num_envs = 8                # per embodiment
+  c.unroll_length = 16          # env steps per env per iteration
+  c.reset_pool = 4              # pool of num_envs * (1 + reset_pool) reset states for auto-reset
+  c.task_split = "train"
+  c.num_epochs = 2
+  c.num_minibatches = 4
+  c.lr = 1e-4
+  c.grad_clip = 1.0
+  c.discount = 0.97
+  c.gae_lambda = 0.95
+  c.clip_eps = 0.2
+  c.value_clip_eps = 0.2        # 0 = unclipped value loss
+  c.vf_coef = 0.5
+  c.entropy_coef = 0.01
+  c.kl_coef = 0.0               # > 0: penalty KL(pi || frozen SFT policy) on the sampled actions
+  c.reward_scaling = 1.0
+  c.normalize_advantage = True
+  c.temperature = 1.0
+  c.train_mode = ""             # "" = model.train_mode; "lora" | "frozen" | "full"
+  c.log_every = 1
+  c.checkpoint_every = 2
+  c.keep_checkpoints = 2
+  c.sft_workdir = ""            # run(): start from this SFT run's latest checkpoint
+  return c
+
+
+def validate(config) -> None:
+  from gea_jax.train import sft
+  sft.validate_model(config)
+  p = "ppo"
+  cv.require("ppo" in config, "ppo", "a ppo section is required (gea_jax.train.ppo.ppo_defaults())")
+  for k in ("iterations", "num_envs", "unroll_length", "reset_pool", "num_epochs", "num_minibatches", "lr",
+            "log_every", "checkpoint_every", "keep_checkpoints", "temperature"):
+    cv.positive(config, f"{p}.{k}")
+  for k in ("grad_clip", "value_clip_eps", "vf_coef", "entropy_coef", "kl_coef", "reward_scaling"):
+    cv.positive(config, f"{p}.{k}", allow_zero=True)
+  cv.in_range(config, f"{p}.discount", 0.0, 1.0)
+  cv.in_range(config, f"{p}.gae_lambda", 0.0, 1.0)
+  cv.positive(config, f"{p}.clip_eps")
+  cv.one_of(config, f"{p}.train_mode", ("", "lora", "frozen", "full"))
+  cv.one_of(config, f"{p}.task_split", ("train", "heldout_seed", "heldout_combo"))
+  cv.require(int(config.model.value_hidden_dim) > 0, "model.value_hidden_dim", "must be > 0 (PPO needs the value head)",
+             config.model.value_hidden_dim)
+  n = len(embodiment_names(config)) * int(config.ppo.num_envs) * int(config.ppo.unroll_length)
+  cv.require(n % int(config.ppo.num_minibatches) == 0, f"{p}.num_minibatches",
+             f"must divide the batch of {n} transitions (embodiments x num_envs x unroll_length)",
+             config.ppo.num_minibatches)
+
+
+def embodiment_names(config) -> list[str]:
+  s = str(config.ppo.embodiments or config.data.embodiments)
+  return [e for e in s.split(",") if e]
+
+
+# --- the learner ---------------------------------------------------------------------------------------
+
+
+def prepare_model(model: AgentModel, config) -> tuple[Any, str]:
+  """The trainable filter for ``ppo.train_mode`` (LoRA adapters are attached if absent, starting at zero)."""
+  from gea_jax.models.lora import LoraConfig, LoraParam, apply_lora
+  mode = str(config.ppo.get("train_mode", "") or config.model.train_mode)
+  if model.vlm.value_head is None:
+    raise ValueError("PPO needs the agent's value head: model.value_hidden_dim must be > 0")
+  if mode == "lora" and not jax.tree.leaves(nnx.state(model, LoraParam)):
+    lc = config.model.lora
+    apply_lora(model.vlm.llm, LoraConfig(rank=int(lc.rank), alpha=float(lc.alpha),
+                                         target_modules=tuple(lc.target_modules)), nnx.Rngs(int(config.seed) + 7))
+  mcfg = ml_collections.ConfigDict({"train_mode": mode})
+  return trainable_filter(mcfg), mode
+
+
+def make_optimizer(p) -> optax.GradientTransformation:
+  parts = [optax.clip_by_global_norm(float(p.grad_clip))] if float(p.grad_clip) > 0 else []
+  return optax.chain(*parts, optax.adam(float(p.lr)))
+
+
+class VlmPPO:
+  """Jitted collector (one per embodiment) and update over the split (trainable, frozen) model state."""
+
+  def __init__(self, p, ctx: AgentContext, model: AgentModel, wrt, embodiments: Sequence[str], seed: int = 0):
+    self.p, self.ctx, self.model, self.wrt = p, ctx, model, wrt
+    self.names = list(embodiments)
+    self.ids = [ctx.index(n) for n in self.names]
+    from gea_jax.envs import registry
+    self.envs = [registry.make(n) for n in self.names]
+    self.graphdef, params, self.rest = nnx.split(model, wrt, ...)
+    self.params = params
+    self.ref_params = jax.tree.map(jnp.copy, params)  # the frozen starting (SFT) policy
+    self.tx = make_optimizer(p)
+    self.opt_state = self.tx.init(params)
+    self.mask_table = jnp.asarray(ctx.vocab.mask_table)
+    self.seed_key = jax.random.key(int(seed))
+    layout, graphdef = ctx.layout, self.graphdef
+    n, T = int(p.num_envs), int(p.unroll_length)
+
+    def collector(e_idx):
+      collect = make_collector(ctx, self.ids[e_idx], self.envs[e_idx], T, greedy=False,
+                               temperature=float(p.temperature))
+
+      def fn(params, rest, pool, key, mask_table):
+        return collect(nnx.merge(graphdef, params, rest), pool, n, key, mask_table)
+      return jax.jit(fn)
+
+    self._collect = [collector(i) for i in range(len(self.names))]
+    self._update = jax.jit(self._update_fn)
+
+  def _batch(self, trajs, boots):
+    """GAE per embodiment, then flatten [T, N] and concatenate over embodiments."""
+    p, L = self.p, self.ctx.layout
+    rows = []
+    for e, traj, boot in zip(self.ids, trajs, boots):
+      adv, target = compute_gae(traj.reward * float(p.reward_scaling), traj.value, boot, traj.termination,
+                                traj.truncation, float(p.discount), float(p.gae_lambda))
+      flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), traj)
+      b = flat.logp.shape[0]
+      tok_valid = jnp.broadcast_to(jnp.arange(L.action_tokens) < self.ctx.vocab.tokens_per_action(e),
+                                   (b, L.action_tokens))
+      seq = sequences(L, flat, tok_valid)
+      rows.append(dict(input_ids=seq["input_ids"], attention_mask=seq["attention_mask"], positions=seq["positions"],
+                       targets=seq["targets"], image=seq["image"], state=seq["state"],
+                       embodiment_id=jnp.full((b,), e, jnp.int32), token_valid=tok_valid.astype(jnp.float32),
+                       old_logp=flat.logp, old_value=flat.value, adv=adv.reshape(-1), target=target.reshape(-1)))
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, 0), *rows)
+
+  def _update_fn(self, params, opt_state, rest, ref_params, trajs, boots, key, mask_table):
+    p, L, graphdef = self.p, self.ctx.layout, self.graphdef
+    data = self._batch(trajs, boots)
+    kl_coef = float(p.kl_coef)
+    if kl_coef > 0:
+      ref_logp, _, _, _ = action_scores(nnx.merge(graphdef, ref_params, rest), L, data, mask_table)
+      data["ref_logp"] = jnp.sum(ref_logp * data["token_valid"], 1)
+
+    def loss_fn(params, mb, _key):
+      model = nnx.merge(graphdef, params, rest)
+      logp_tok, ent_tok, value, _ = action_scores(model, L, mb, mask_table)
+      logp = jnp.sum(logp_tok * mb["token_valid"], 1)
+      entropy = jnp.sum(ent_tok * mb["token_valid"], 1)
+      vclip = float(p.value_clip_eps) or None
+      total, m = ppo_loss(logp, mb["old_logp"], mb["adv"], value, mb["old_value"], mb["target"], entropy,
+                          clip_eps=float(p.clip_eps), value_clip_eps=vclip, vf_coef=float(p.vf_coef),
+                          entropy_coef=float(p.entropy_coef), normalize_advantage=bool(p.normalize_advantage))
+      if kl_coef > 0:
+        d = mb["ref_logp"] - logp
+        kl = jnp.mean(jnp.exp(d) - d - 1.0)  # k3 estimator of KL(pi || ref), >= 0
+        total = total + kl_coef * kl
+        m.update(loss=total, kl_to_sft=kl)
+      return total, m
+
+    params, opt_state, metrics = sgd_epochs(loss_fn, self.tx, params, opt_state, data, key,
+                                            num_epochs=int(p.num_epochs), num_minibatches=int(p.num_minibatches))
+    return params, opt_state, metrics
+
+  def iteration(self, it: int) -> dict[str, float]:
+    """One PPO iteration (collect every embodiment, update); returns host metrics."""
+    p = self.p
+    key = jax.random.fold_in(self.seed_key, it)
+    n = int(p.num_envs)
+    trajs, boots, stats = [], [], {}
+    for i, (name, e, env) in enumerate(zip(self.names, self.ids, self.envs)):
+      k = jax.random.fold_in(key, i)
+      pool = make_reset_pool(env, self.ctx, e, jax.random.fold_in(k, 0), n * (1 + int(p.reset_pool)),
+                             str(p.task_split))
+      traj, boot = self._collect[i](self.params, self.rest, pool, jax.random.fold_in(k, 1), self.mask_table)
+      trajs.append(traj)
+      boots.append(boot)
+      ends = float(jnp.sum(traj.termination | traj.truncation))
+      stats[f"{name}/reward_per_step"] = float(jnp.mean(traj.reward))
+      stats[f"{name}/episodes"] = ends
+      stats[f"{name}/success_rate"] = float(jnp.sum(traj.success)) / ends if ends else float("nan")
+    self.params, self.opt_state, metrics = self._update(self.params, self.opt_state, self.rest, self.ref_params,
+                                                        trajs, boots, jax.random.fold_in(key, 99), self.mask_table)
+    out = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    out.update(stats)
+    return out
+
+  def sync(self) -> AgentModel:
+    nnx.update(self.model, self.params)
+    return self.model
+
+
+# --- the run -------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PpoResult:
+  model: AgentModel
+  iterations: int
+  final_metrics: dict[str, float]
+  curves: dict[str, list[tuple[int, float]]]
+  wall_time: float
+
+
+def train(config, workdir: str, model: AgentModel, ctx: AgentContext, embodiments: Sequence[str] | None = None,
+          *, callback=None) -> PpoResult:
+  """Runs (or resumes) PPO of ``model`` in ``workdir/ppo``. ``model`` is updated in place and returned.
+
+  ``callback(iteration, metrics)`` runs after each iteration (tests use it to inject failures).
+  """
+  if "ppo" not in config:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.ppo = ppo_defaults()
+  p = config.ppo
+  names = list(embodiments or embodiment_names(config))
+  wrt, mode = prepare_model(model, config)
+  learner = VlmPPO(p, ctx, model, wrt, names, seed=int(config.seed))
+  n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(learner.params))
+  n_total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  logging.info("PPO: %d trainable of %d parameters (%s), embodiments %s", n_train, n_total, mode, names)
+
+  ckpt = Checkpointer(os.path.join(workdir, "ppo"), keep=int(p.keep_checkpoints),
+                      save_every=int(p.checkpoint_every), config=config)
+  start = 0
+  restored = ckpt.restore_latest(abstract_like(learner.params), abstract_like(learner.opt_state))
+  if restored is not None:
+    learner.params = restored.params
+    learner.opt_state = restored.opt_state
+    start = restored.step
+    logging.info("PPO: resumed from iteration %d (%s)", start, restored.path)
+  writer = MetricWriter(os.path.join(workdir, "ppo"), resume_step=start if start else None)
+  preempt = install_sigterm_handler()
+  total = int(p.iterations)
+  metrics: dict[str, float] = {}
+  t0 = time.time()
+  it = start
+  with Progress(total, "ppo", initial=start) as bar:
+    while it < total:
+      metrics = learner.iteration(it)
+      it += 1
+      check_finite(metrics["loss"], it, checkpointer=ckpt)
+      if it % int(p.log_every) == 0 or it == total:
+        writer.scalars(it, {f"ppo/{k}": v for k, v in metrics.items() if np.isfinite(v)})
+      bar.set_metrics(loss=metrics["loss"], **{k: v for k, v in metrics.items() if k.endswith("reward_per_step")})
+      bar.update(1)
+      if callback is not None:
+        callback(it, metrics)
+      if ckpt.should_save(it) or it == total or preempt.requested:
+        ckpt.save(it, params=learner.params, opt_state=learner.opt_state, rng=learner.seed_key, force=True,
+                  extra={k: v for k, v in metrics.items() if np.isfinite(v)})
+      if preempt.requested:
+        logging.warning("PPO: SIGTERM received; checkpoint saved at iteration %d, exiting", it)
+        break
+  learner.sync()
+  ckpt.close()
+  writer.flush()
+  curves = writer.curves()
+  writer.close()
+  return PpoResult(model=model, iterations=it, final_metrics=metrics, curves=curves, wall_time=time.time() - t0)
+
+
+def load_sft_model(config, sft_workdir: str, ctx: AgentContext) -> AgentModel:
+  """The agent of ``config.model`` with the latest SFT checkpoint of ``sft_workdir`` (its ``sft/`` run)."""
+  from gea_jax.agent.model import build_agent
+  model = build_agent(config.model, ctx.layout, ctx.max_state_dim, ctx.vocab.total_vocab_size, seed=int(config.seed))
+  ck = Checkpointer(os.path.join(sft_workdir, "sft"), read_only=True)
+  restored = ck.restore_latest(abstract_like(nnx.state(model, trainable_filter(config.model))))
+  if restored is None:
+    raise FileNotFoundError(f"ppo.sft_workdir={sft_workdir!r}: no SFT checkpoint under {sft_workdir}/sft/checkpoints")
+  nnx.update(model, restored.params)
+  ck.close()
+  return model
+
+
+def run(config, workdir: str) -> PpoResult:
+  """PPO from an SFT run (``ppo.sft_workdir``) or, without one, from a freshly built agent."""
+  from gea_jax.agent.context import load_context
+  if "ppo" not in config:
+    config.ppo = ppo_defaults()
+  validate(config)
+  names = embodiment_names(config)
+  cv.require(bool(config.sft.tokenizer_artifact), "sft.tokenizer_artifact", "must point to an RVQ artifact directory")
+  ctx = load_context(config, config.sft.tokenizer_artifact, config.data.data_dir, names)
+  if config.ppo.sft_workdir:
+    model = load_sft_model(config, str(config.ppo.sft_workdir), ctx)
+  else:
+    from gea_jax.agent.model import build_agent
+    model = build_agent(config.model, ctx.layout, ctx.max_state_dim, ctx.vocab.total_vocab_size,
+                        seed=int(config.seed))
+  result = train(config, workdir, model, ctx, names)
+  logging.info("PPO done: %d iterations in %.1fs, final %s", result.iterations, result.wall_time,
+               result.final_metrics)
+  return result
