@@ -107,6 +107,16 @@ def _quat_to_mat(q):
   ], -2)
 
 
+def _vec_mat(v, m):
+  """v @ m for [..., 3] x [..., 3, 3] without dot ops (tiny contractions are slow as XLA-CPU dots)."""
+  return v[..., 0:1] * m[..., 0, :] + v[..., 1:2] * m[..., 1, :] + v[..., 2:3] * m[..., 2, :]
+
+
+def _mat_vec(m, v):
+  """m @ v for [..., 3, 3] x [..., 3]."""
+  return m[..., :, 0] * v[..., 0:1] + m[..., :, 1] * v[..., 1:2] + m[..., :, 2] * v[..., 2:3]
+
+
 def _hit_sphere(o, d, r):
   """o [G,P,3] local ray origins, d [G,1,3] unit local directions, r [G,1] -> t [G,P], n [G,P,3]."""
   b = jnp.sum(o * d, -1)
@@ -240,53 +250,76 @@ class BraxRenderer:
     link = np.maximum(body - 1, 0)
     bpos = jnp.where((body > 0)[:, None], x_pos[link], 0.0)
     brot = _quat_to_mat(jnp.where((body > 0)[:, None], x_rot[link], jnp.array([1.0, 0, 0, 0])))
-    gpos = bpos + jnp.einsum("gij,gj->gi", brot, grp["pos"])
-    grot = brot @ _quat_to_mat(jnp.asarray(grp["quat"]))
+    gpos = bpos + _mat_vec(brot, jnp.asarray(grp["pos"]))
+    gq = _quat_to_mat(jnp.asarray(grp["quat"]))
+    grot = jnp.stack([_mat_vec(brot, gq[:, :, k]) for k in range(3)], -1)
     if extra_pos is not None and (grp["extra"] >= 0).any():
       ex = grp["extra"]
       gpos = jnp.where((ex >= 0)[:, None], extra_pos[np.maximum(ex, 0)], gpos)
     return gpos, grot
 
   def __call__(self, x_pos, x_rot, extra_pos=None, track_pos=None):
-    """Renders one state. x_pos [L,3], x_rot [L,4] (w,x,y,z); extra_pos [E,3]; track_pos [3]."""
+    """Renders one state. x_pos [L,3], x_rot [L,4] (w,x,y,z); extra_pos [E,3]; track_pos [3].
+
+    Two passes: hit distances of every (geom, pixel) pair, then normal, colour and checker only
+    for the nearest geom of each pixel.
+    """
     if self.num_extras and extra_pos is None:
       raise ValueError(f"BraxRenderer: {self.num_extras} extra primitives need extra_pos of shape "
                        f"[{self.num_extras}, 3]")
     cam = self.camera
     center = cam._center(track_pos, jnp)
     origins = center - 10.0 * jnp.asarray(self._f) + jnp.asarray(self._offsets)  # [P,3]
-    ts, ns, cols, checks = [], [], [], []
+    fwd = jnp.asarray(self._f)
+    ts, poss, rots, sizes, kinds, rgbs = [], [], [], [], [], []
     for kind, grp in self._groups.items():
       gpos, grot = self._poses(grp, x_pos, x_rot, extra_pos)
-      o = jnp.einsum("gpi,gij->gpj", origins[None] - gpos[:, None], grot)  # local origins [G,P,3]
-      d = jnp.einsum("i,gij->gj", jnp.asarray(self._f), grot)[:, None]  # [G,1,3]
+      o = _vec_mat(origins[None] - gpos[:, None], grot[:, None])  # local origins [G,P,3]
+      d = _vec_mat(fwd, grot)[:, None]  # [G,1,3]
       size = jnp.asarray(grp["size"])
-      chk = jnp.ones(o.shape[:2])
       if kind == SPHERE:
-        t, n = _hit_sphere(o, d, size[:, :1])
+        t, _ = _hit_sphere(o, d, size[:, :1])
       elif kind == CAPSULE:
-        t, n = _hit_capsule(o, d, size[:, :1], size[:, 1:2])
+        t, _ = _hit_capsule(o, d, size[:, :1], size[:, 1:2])
       elif kind == BOX:
-        t, n = _hit_box(o, d, size[:, None, :])
+        t, _ = _hit_box(o, d, size[:, None, :])
       else:
-        t, n, p = _hit_plane(o, d, size[:, None, :])
-        if self.checker > 0:
-          parity = (jnp.floor(p[..., 0] / self.checker) + jnp.floor(p[..., 1] / self.checker)) % 2
-          chk = 1.0 - 0.18 * parity
-      n = jnp.einsum("gij,gpj->gpi", grot, n)  # world normals
+        t, _, _ = _hit_plane(o, d, size[:, None, :])
       ts.append(t)
-      ns.append(n)
-      cols.append(jnp.broadcast_to(jnp.asarray(grp["rgb"])[:, None], n.shape))
-      checks.append(chk)
-    t = jnp.concatenate(ts)
-    n = jnp.concatenate(ns)
-    col = jnp.concatenate(cols)
-    chk = jnp.concatenate(checks)
-    idx = jnp.argmin(t, 0)  # [P]
-    take = lambda a: jnp.take_along_axis(a, idx[None, :, None] if a.ndim == 3 else idx[None], 0)[0]
-    hit = jnp.min(t, 0) < _BIG * 0.5
-    lam = jnp.abs(jnp.sum(take(n) * jnp.asarray(self._light), -1))
-    rgb = take(col) * (0.45 + 0.55 * lam)[:, None] * take(chk)[:, None]
-    rgb = jnp.where(hit[:, None], rgb, jnp.asarray(self.background))
-    img = jnp.clip(rgb * 255.0 + 0.5, 0, 255).astype(jnp.uint8)
+      poss.append(gpos)
+      rots.append(grot)
+      sizes.append(size)
+      kinds.append(np.full(len(grp["size"]), kind))
+      rgbs.append(grp["rgb"])
+    t_all = jnp.concatenate(ts)  # [G,P]
+    idx = jnp.argmin(t_all, 0)  # [P]
+    t = jnp.min(t_all, 0)
+    hit = t < _BIG * 0.5
+    # Second pass: per pixel, the winning geom only.
+    gpos = jnp.concatenate(poss)[idx]  # [P,3]
+    grot = jnp.concatenate(rots)[idx]  # [P,3,3]
+    size = jnp.concatenate(sizes)[idx]  # [P,3]
+    kind = jnp.asarray(np.concatenate(kinds))[idx]
+    rgb = jnp.asarray(np.concatenate(rgbs))[idx]
+    t = jnp.where(hit, t, 0.0)
+    p_world = origins + t[:, None] * fwd
+    p = _vec_mat(p_world - gpos, grot)  # local hit points
+    n_sphere = p
+    n_capsule = p - jnp.stack([jnp.zeros_like(p[:, 0]), jnp.zeros_like(p[:, 0]),
+                               jnp.clip(p[:, 2], -size[:, 1], size[:, 1])], -1)
+    rel = jnp.abs(p) / jnp.maximum(size, 1e-6)
+    n_box = jax.nn.one_hot(jnp.argmax(rel, -1), 3) * jnp.sign(p)
+    n_plane = jnp.broadcast_to(jnp.array([0.0, 0.0, 1.0]), p.shape)
+    n = jnp.where((kind == SPHERE)[:, None], n_sphere,
+                  jnp.where((kind == CAPSULE)[:, None], n_capsule,
+                            jnp.where((kind == BOX)[:, None], n_box, n_plane)))
+    n = _mat_vec(grot, n)
+    n = n / (jnp.linalg.norm(n, axis=-1, keepdims=True) + 1e-9)
+    lam = jnp.abs(jnp.sum(n * jnp.asarray(self._light), -1))
+    shade = 0.45 + 0.55 * lam
+    if self.checker > 0:
+      parity = (jnp.floor(p[:, 0] / self.checker) + jnp.floor(p[:, 1] / self.checker)) % 2
+      shade = shade * jnp.where(kind == PLANE, 1.0 - 0.18 * parity, 1.0)
+    out = jnp.where(hit[:, None], rgb * shade[:, None], jnp.asarray(self.background))
+    img = jnp.clip(out * 255.0 + 0.5, 0, 255).astype(jnp.uint8)
     return img.reshape(cam.height, cam.width, 3)
