@@ -121,7 +121,7 @@ def main() -> None:
       experts.get(name)
       bodies.append(name)
     except (KeyError, ImportError, AttributeError) as e:
-      missing[name] = f"no expert ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+      missing[name] = f"no expert registered ({type(e).__name__})"
   if not bodies:
     raise SystemExit("rvq_levels: no continuous embodiment has an expert; nothing to measure")
   for name, why in missing.items():
@@ -167,7 +167,7 @@ def main() -> None:
       cells = []
       for n in bodies:
         r = next(r for r in rows if (r["L"], r["K"], r["body"]) == (lv, k, n))
-        cells.append(f"{r['rvq']:.4f} | {r['binning']:.4f} ({r['bins/dim']})")
+        cells.append(f"{r['rvq']:.2e} | {r['binning']:.2e} ({r['bins/dim']})")
       print(f"| {lv} | {k} | {lv} | " + " | ".join(cells) + " |")
   print("\n## Expert success, raw vs actions through encode -> decode (L=2, K=512)\n")
   print("| body | episodes | raw | through RVQ | drop (points) |")
@@ -183,6 +183,7 @@ def main() -> None:
       "nmse_L2_K512_by_body": {n: nmse[(2, 512, n)] for n in bodies},
       "binning_nmse_L2_K512_by_body": {r["body"]: r["binning"] for r in rows if (r["L"], r["K"]) == (2, 512)},
       "success_L2_K512": success,
+      "grid": rows,
       "bodies": bodies, "missing": sorted(missing),
       "steps": args.steps, "episodes": args.episodes, "wall_seconds": round(time.time() - t0, 1),
       "devices": jax.device_count(),
