@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gea_jax.envs import make, names, registry
-from gea_jax.envs.grid import _COMBOS, _HELDOUT, COLOUR_IDS, OBJECT_TILES, HELDOUT_COMBOS
+from gea_jax.envs.grid import _COMBOS, _HELDOUT, COLOUR_IDS, HELDOUT_COMBOS, OBJECT_TILES
 from gea_jax.envs.spec import EmbodimentSpec
 
 ALL = ("grid_goto", "grid_pickup", "grid_putnext", "halfcheetah", "pusher", "reacher")

@@ -42,6 +42,7 @@ _EXPERTS: dict[str, Any] = {
     "grid_pickup": "data_pipelines.experts.grid_planner:make_expert",
     "grid_putnext": "data_pipelines.experts.grid_planner:make_expert",
     "reacher": "data_pipelines.experts.reacher:make_expert",
+    "pusher": "data_pipelines.experts.pusher:make_expert",
 }
 
 

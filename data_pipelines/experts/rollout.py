@@ -92,7 +92,7 @@ def rollout(name: str, num_episodes: int, seed: int = 0, task_split: str = "trai
     keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds))
     if planned:
       s0 = jax.jit(jax.vmap(lambda k: env.reset(k, task_split)))(keys)
-      plans = [expert.plan(jax.tree_util.tree_map(lambda x: x[i], s0)) for i in range(batch)]
+      plans = [expert.plan(jax.tree_util.tree_map(lambda x, i=i: x[i], s0)) for i in range(batch)]
       plan_arr = jnp.asarray(_pad_plans(plans, num_steps, filler=2))
     else:
       plan_arr = jnp.zeros((batch, num_steps), jnp.int32)

@@ -110,7 +110,7 @@ class Embodiment(abc.ABC):
     task, task_id = jax.device_get((state.task, state.task_id))
     if getattr(task_id, "ndim", 0) == 0:
       return self.describe_task(task, int(task_id))
-    return [self.describe_task(jax.tree_util.tree_map(lambda x: x[i], task), int(task_id[i]))
+    return [self.describe_task(jax.tree_util.tree_map(lambda x, i=i: x[i], task), int(task_id[i]))
             for i in range(task_id.shape[0])]
 
   def is_success(self, state: EnvState) -> jax.Array:

@@ -226,15 +226,23 @@ class BraxRenderer:
       groups[kind_ids[e.kind]].append((size, np.zeros(3, np.float32), np.array([1, 0, 0, 0], np.float32), 0,
                                        np.asarray(e.rgb, np.float32), i))
     self.num_extras = len(extras)
-    # Per kind: stacked static arrays (numpy; become constants in the jitted program).
-    self._groups = {}
-    for k, items in groups.items():
-      if not items:
-        continue
-      self._groups[k] = dict(
-          size=np.stack([it[0] for it in items]), pos=np.stack([it[1] for it in items]),
-          quat=np.stack([it[2] for it in items]), body=np.array([it[3] for it in items]),
-          rgb=np.stack([it[4] for it in items]), extra=np.array([it[5] for it in items]))
+    # Geoms fixed in the world (body 0, not extras) are ray-cast once, at construction, when the
+    # camera does not move; per frame only the moving geoms are cast and composited by depth.
+    pre_render = not camera.track
+    def stack(items):
+      out = {}
+      for k in _KIND_NAMES:
+        its = [it for it in items if (it[6] if len(it) > 6 else None) == k]
+        if its:
+          out[k] = dict(
+              size=np.stack([it[0] for it in its]), pos=np.stack([it[1] for it in its]),
+              quat=np.stack([it[2] for it in its]), body=np.array([it[3] for it in its]),
+              rgb=np.stack([it[4] for it in its]), extra=np.array([it[5] for it in its]))
+      return out
+    tagged = [(*it, k) for k, items in groups.items() for it in items]
+    is_static = lambda it: pre_render and it[3] == 0 and it[5] < 0
+    self._groups = stack([it for it in tagged if not is_static(it)])
+    static_groups = stack([it for it in tagged if is_static(it)])
     f, u, r = camera.basis()
     self._f, self._u, self._r = f, u, r
     h, w = camera.height, camera.width
@@ -243,6 +251,11 @@ class BraxRenderer:
     sy = (1 - (ii + 0.5) / h * 2) * camera.half_extent
     self._offsets = (sx[..., None] * r + sy[..., None] * u).reshape(-1, 3).astype(np.float32)  # [P,3]
     self._light = (-f + 0.6 * u + 0.3 * r) / np.linalg.norm(-f + 0.6 * u + 0.3 * r)
+    self._static = None
+    if static_groups:
+      none = jnp.zeros((1, 3)), jnp.array([[1.0, 0, 0, 0]])
+      t, rgb = jax.jit(lambda: self._cast(static_groups, *none, None, None))()
+      self._static = (np.asarray(t), np.asarray(rgb))
 
   def _poses(self, grp, x_pos, x_rot, extra_pos):
     """World position [G,3] and rotation matrix [G,3,3] of every geom of a group."""
@@ -261,18 +274,28 @@ class BraxRenderer:
   def __call__(self, x_pos, x_rot, extra_pos=None, track_pos=None):
     """Renders one state. x_pos [L,3], x_rot [L,4] (w,x,y,z); extra_pos [E,3]; track_pos [3].
 
-    Two passes: hit distances of every (geom, pixel) pair, then normal, colour and checker only
-    for the nearest geom of each pixel.
+    Two passes: hit distances of every (moving geom, pixel) pair, then normal, colour and checker
+    only for the nearest geom of each pixel; composited by depth over the pre-rendered static geoms.
     """
     if self.num_extras and extra_pos is None:
       raise ValueError(f"BraxRenderer: {self.num_extras} extra primitives need extra_pos of shape "
                        f"[{self.num_extras}, 3]")
+    t, rgb = self._cast(self._groups, x_pos, x_rot, extra_pos, track_pos)
+    if self._static is not None:
+      t_s, rgb_s = self._static
+      rgb = jnp.where((t < t_s)[:, None], rgb, jnp.asarray(rgb_s))
+    cam = self.camera
+    img = jnp.clip(rgb * 255.0 + 0.5, 0, 255).astype(jnp.uint8)
+    return img.reshape(cam.height, cam.width, 3)
+
+  def _cast(self, groups, x_pos, x_rot, extra_pos, track_pos):
+    """Per pixel: distance to the nearest geom of `groups` (_BIG if none) and its shaded rgb [P,3]."""
     cam = self.camera
     center = cam._center(track_pos, jnp)
     origins = center - 10.0 * jnp.asarray(self._f) + jnp.asarray(self._offsets)  # [P,3]
     fwd = jnp.asarray(self._f)
     ts, poss, rots, sizes, kinds, rgbs = [], [], [], [], [], []
-    for kind, grp in self._groups.items():
+    for kind, grp in groups.items():
       gpos, grot = self._poses(grp, x_pos, x_rot, extra_pos)
       o = _vec_mat(origins[None] - gpos[:, None], grot[:, None])  # local origins [G,P,3]
       d = _vec_mat(fwd, grot)[:, None]  # [G,1,3]
@@ -291,6 +314,8 @@ class BraxRenderer:
       sizes.append(size)
       kinds.append(np.full(len(grp["size"]), kind))
       rgbs.append(grp["rgb"])
+    if not ts:
+      return jnp.full(origins.shape[:1], _BIG), jnp.broadcast_to(jnp.asarray(self.background), origins.shape)
     t_all = jnp.concatenate(ts)  # [G,P]
     idx = jnp.argmin(t_all, 0)  # [P]
     t = jnp.min(t_all, 0)
@@ -320,6 +345,4 @@ class BraxRenderer:
     if self.checker > 0:
       parity = (jnp.floor(p[:, 0] / self.checker) + jnp.floor(p[:, 1] / self.checker)) % 2
       shade = shade * jnp.where(kind == PLANE, 1.0 - 0.18 * parity, 1.0)
-    out = jnp.where(hit[:, None], rgb * shade[:, None], jnp.asarray(self.background))
-    img = jnp.clip(out * 255.0 + 0.5, 0, 255).astype(jnp.uint8)
-    return img.reshape(cam.height, cam.width, 3)
+    return jnp.where(hit, t, _BIG), jnp.where(hit[:, None], rgb * shade[:, None], jnp.asarray(self.background))
