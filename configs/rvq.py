@@ -5,8 +5,8 @@
         --config.data.source=tfds --config.data.data_dir=/data/gea
 
 ``arg`` (``configs/rvq.py:ARG``) picks the embodiments, comma-separated (default: the continuous
-bodies with a registered expert -- reacher; add pusher once its expert is registered -- plus one
-grid world, which gets reserved ids but no training data).
+bodies with a registered expert -- reacher, pusher; add halfcheetah once its expert is registered --
+plus one grid world, which gets reserved ids but no training data).
 Writes WORKDIR/artifact (``gea_jax.tokenizers.artifact.load_artifact``), TensorBoard events,
 metrics.jsonl and report.md.
 """
@@ -45,7 +45,7 @@ def get_config(arg=None):
   config.data.split = "train"
   config.data.max_episodes = 0  # 0: all episodes of the split
   config.data.expert_episodes = 64
-  config.data.embodiments = tuple(arg.split(",")) if arg else ("reacher", "grid_goto")
+  config.data.embodiments = tuple(arg.split(",")) if arg else ("reacher", "pusher", "grid_goto")
 
   config.vocab = ml_collections.ConfigDict()
   config.vocab.llm_vocab_size = 49152  # SmolLM2
