@@ -108,10 +108,11 @@ def _flat(model, filt=nnx.Param):
   return {str(k): np.array(v) for k, v in nnx.to_flat_state(nnx.state(model, filt))}
 
 
-@pytest.mark.parametrize("mode", ["lora", "frozen"])
-def test_only_configured_parameters_change(assets, mode):
+def test_frozen_llm_mode_changes_only_the_adapters(assets):
+  """LLaRP: the LLM stays bitwise unchanged; vision/projector/state/value parameters train."""
+  mode = "frozen"
   config, ctx, model = _setup(assets, "full")
-  config.ppo.train_mode = mode  # a full-SFT model fine-tuned by PPO with LoRA (adapters attached) / frozen LLM
+  config.ppo.train_mode = mode
   wrt, _ = ppo.prepare_model(model, config)
   before = _flat(model)
   trainable = set(_flat(model, wrt))
@@ -125,15 +126,20 @@ def test_only_configured_parameters_change(assets, mode):
   frozen_llm = [k for k in before if "llm" in k and k not in trainable]
   assert frozen_llm and not changed & set(frozen_llm)
   assert any("value_head" in k for k in changed)
-  if mode == "lora":
-    assert any("lora" in k for k in changed)
-  else:
-    assert not any("llm" in k for k in trainable)
+  assert not any("llm" in k for k in trainable)
 
 
-def test_ppo_runs_on_grid_goto_and_resumes_exactly(assets, tmp_path):
-  config, ctx, model = _setup(assets, "lora")
+def test_lora_ppo_on_grid_goto_changes_only_lora_and_resumes_exactly(assets, tmp_path):
+  """GEA default: a full-SFT agent gets LoRA adapters for PPO; base LLM weights stay bitwise unchanged."""
+  config, ctx, model = _setup(assets, "full")
+  config.ppo.train_mode = "lora"
   res = ppo.train(config, str(tmp_path / "full"), model, ctx, ["grid_goto"])
+  before = _flat(_setup(assets, "full")[2])
+  after = _flat(res.model)
+  changed = {k for k in after if k not in before or not np.array_equal(before[k], after[k])}
+  assert any("lora_b" in k for k in changed) and any("value_head" in k for k in changed)
+  base_llm = [k for k in before if "llm" in k and "embed_tokens" not in k]
+  assert base_llm and not changed & set(base_llm)
   assert res.iterations == 2
   for k in ("loss", "policy_loss", "value_loss", "entropy", "kl_to_sft", "approx_kl"):
     assert np.isfinite(res.final_metrics[k]), k
@@ -144,7 +150,7 @@ def test_ppo_runs_on_grid_goto_and_resumes_exactly(assets, tmp_path):
   part = tmp_path / "part"
   shutil.copytree(tmp_path / "full", part)
   shutil.rmtree(part / "ppo" / "checkpoints" / "2")
-  _, _, model2 = _setup(assets, "lora")
+  _, _, model2 = _setup(assets, "full")
   res2 = ppo.train(config, str(part), model2, ctx, ["grid_goto"])
   assert res2.iterations == 2
   a, b = _flat(res.model), _flat(res2.model)

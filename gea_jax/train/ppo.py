@@ -127,6 +127,9 @@ def make_optimizer(p) -> optax.GradientTransformation:
   return optax.chain(*parts, optax.adam(float(p.lr)))
 
 
+_COMPILED: dict[Any, Any] = {}
+
+
 class VlmPPO:
   """Jitted collector (one per embodiment) and update over the split (trainable, frozen) model state."""
 
@@ -154,8 +157,16 @@ class VlmPPO:
         return collect(nnx.merge(graphdef, params, rest), pool, n, key, mask_table)
       return jax.jit(fn)
 
-    self._collect = [collector(i) for i in range(len(self.names))]
-    self._update = jax.jit(self._update_fn)
+    # Learners with the same model structure, context, embodiments and hyperparameters share compiled code
+    # (a resumed run in the same process, or PPO after PPO, does not compile again).
+    cache_key = (id(ctx), self.graphdef, tuple(self.names), repr(sorted(p.to_dict().items())))
+    hit = _COMPILED.get(cache_key)
+    if hit is None or hit[0] is not ctx:
+      hit = (ctx, [collector(i) for i in range(len(self.names))], jax.jit(self._update_fn))
+      if len(_COMPILED) >= 4:
+        _COMPILED.pop(next(iter(_COMPILED)))
+      _COMPILED[cache_key] = hit
+    _, self._collect, self._update = hit
 
   def _batch(self, trajs, boots):
     """GAE per embodiment, then flatten [T, N] and concatenate over embodiments."""
