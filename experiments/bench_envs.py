@@ -18,7 +18,6 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
 
 
 def _random_actions(spec, key, batch):
