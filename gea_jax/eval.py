@@ -57,10 +57,12 @@ def text_prompts(ctx: AgentContext, e: int, instructions: Sequence[str]) -> tupl
   return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
 
 
-def make_policy_step(ctx: AgentContext, e: int, *, greedy: bool, temperature: float = 1.0):
+def make_policy_step(ctx: AgentContext, e: int, *, greedy: bool, temperature: float = 1.0, decode_fn=None):
   """A jittable fn(model, buffers, obs, text_ids, text_mask, key, mask_table) -> (env action, tokens, logp,
   value, buffers'). ``mask_table`` (``vocab.mask_table``) is an argument, not a closed-over constant, so
-  XLA does not try to constant-fold the masked softmax."""
+  XLA does not try to constant-fold the masked softmax. ``decode_fn`` replaces `decode_action_tokens`
+  (same signature; e.g. the no-cache reference decoder of `gea_jax.agent.rollout`)."""
+  decode_fn = decode_fn or decode_action_tokens
   L, vocab = ctx.layout, ctx.vocab
   mean, std = state_norm_arrays(ctx, e)
   spec = ctx.specs[e]
@@ -86,8 +88,7 @@ def make_policy_step(ctx: AgentContext, e: int, *, greedy: bool, temperature: fl
     tok_valid = jnp.broadcast_to(jnp.arange(L.action_tokens) < n_tok, (n, L.action_tokens))
     prompt = assemble(L, jnp, text_ids, text_mask, buffers.frame_valid, buffers.hist_ids, tok_valid)
     prompt.update(image=buffers.images, state=buffers.states, embodiment_id=jnp.full((n,), e, jnp.int32))
-    dec = decode_action_tokens(model, L, prompt, mask_table, tok_valid, key, greedy=greedy,
-                               temperature=temperature)
+    dec = decode_fn(model, L, prompt, mask_table, tok_valid, key, greedy=greedy, temperature=temperature)
     ids = jnp.where(tok_valid, dec.tokens, -1)
     actions = vocab.decode(ids, jnp.full((n,), e, jnp.int32))[:, 0]  # [N, max_dim]
     if spec.action_space.is_continuous:

@@ -78,13 +78,14 @@ def _where_rows(done, new, old):
 
 
 def make_collector(ctx: AgentContext, e: int, env, num_steps: int, *, greedy: bool = False,
-                   temperature: float = 1.0):
+                   temperature: float = 1.0, decode_fn=None):
   """``collect(model, pool, num_envs, key, mask_table) -> (Trajectory, bootstrap_value [N], stats)``.
 
   Envs start from ``pool[:N]``; the k-th episode end (over all envs, in row order per step) takes
   ``pool[N + k mod (P - N)]``. Not jitted here: wrap it (the trainer jits it over split model state).
+  ``decode_fn`` replaces the KV-cached decoder (e.g. `decode_without_cache`, for the benchmark).
   """
-  policy = make_policy_step(ctx, e, greedy=greedy, temperature=temperature)
+  policy = make_policy_step(ctx, e, greedy=greedy, temperature=temperature, decode_fn=decode_fn)
   spec = ctx.specs[e]
 
   def collect(model, pool: ResetPool, num_envs: int, key, mask_table):
