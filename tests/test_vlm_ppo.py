@@ -10,7 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import test_sft
 from flax import nnx
+from test_sft import EMBODIMENTS, tiny_config
 
 from gea_jax.agent.context import load_context
 from gea_jax.agent.model import build_agent
@@ -18,7 +20,8 @@ from gea_jax.agent.policy import action_scores, decode_action_tokens
 from gea_jax.agent.prompt import assemble
 from gea_jax.agent.rollout import decode_without_cache
 from gea_jax.train import ppo
-from test_sft import EMBODIMENTS, assets, tiny_config  # noqa: F401  (assets is a fixture)
+
+assets = test_sft.assets  # the module-scoped fixture: synthetic datasets + untrained RVQ artifact
 
 
 def _config(mode="lora"):

@@ -146,7 +146,7 @@ class VlmPPO:
     self.opt_state = self.tx.init(params)
     self.mask_table = jnp.asarray(ctx.vocab.mask_table)
     self.seed_key = jax.random.key(int(seed))
-    layout, graphdef = ctx.layout, self.graphdef
+    graphdef = self.graphdef
     n, T = int(p.num_envs), int(p.unroll_length)
 
     def collector(e_idx):
