@@ -101,6 +101,10 @@ def run(config, workdir: str) -> dict:
 
   logging.info("[3/4] SFT")
   result = sft_lib.train(config, workdir, artifact_dir=artifact, data_dir=data_dir, embodiments=names)
+  if result.preempted:
+    logging.warning("preempted during SFT at step %d; the checkpoint is saved, rerun the same command to resume",
+                    result.steps)
+    return {"preempted": True, "sft_steps": result.steps}
 
   logging.info("[4/4] closed-loop evaluation")
   from gea_jax.eval import evaluate

@@ -143,8 +143,13 @@ class TrainStep:
     return metrics
 
   def sync(self) -> tuple[AgentModel, nnx.Optimizer]:
+    """Write the current arrays into the model and optimizer objects."""
     nnx.update((self.model, self.optimizer), self.state)
     return self.model, self.optimizer
+
+  def reload(self) -> None:
+    """Take the arrays from the objects again (after code outside the step changed them)."""
+    self.state = nnx.state((self.model, self.optimizer))
 
 
 MODEL_KEYS = ("input_ids", "attention_mask", "positions", "targets", "loss_mask", "image", "state", "actions",
@@ -181,6 +186,7 @@ class SftResult:
   final_metrics: dict[str, float]
   wall_time: float
   curves: dict[str, list[tuple[int, float]]]
+  preempted: bool = False
 
 
 def setup_model(config, ctx: AgentContext, mesh, rules):
@@ -254,6 +260,7 @@ def train(config, workdir: str, *, artifact_dir: str, data_dir: str, embodiments
       if eval_fn is not None and int(s.eval_every) and step % int(s.eval_every) == 0 and step < total:
         train_step.sync()
         writer.scalars(step, {f"eval/{k}": v for k, v in eval_fn(model, ctx, step).items()})
+        train_step.reload()
       save_now = ckpt.should_save(step) or step == total or preempt.requested
       if save_now:
         if not metrics or step % int(s.log_every):
@@ -265,6 +272,7 @@ def train(config, workdir: str, *, artifact_dir: str, data_dir: str, embodiments
       if preempt.requested:
         logging.warning("SFT: SIGTERM received; checkpoint saved at step %d, exiting", step)
         break
+  preempt.uninstall()
   train_step.sync()
   ckpt.close()
   writer.flush()
