@@ -113,7 +113,7 @@ def init_buffers(ctx: AgentContext, n: int) -> RolloutBuffers:
 
 
 def instructions_of(env, states, n: int) -> list[str]:
-  return [env.instruction(jax.tree.map(lambda x: x[i], states)) for i in range(n)]
+  return [env.instruction(jax.tree.map(lambda x, i=i: x[i], states)) for i in range(n)]
 
 
 @functools.lru_cache(maxsize=32)

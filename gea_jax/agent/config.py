@@ -59,7 +59,7 @@ def agent_config():
   c.rvq = ml_collections.ConfigDict()
   c.rvq.num_levels = 2
   c.rvq.codebook_size = 512
-  c.rvq.steps = 1500
+  c.rvq.steps = 600
   c.rvq.batch_size = 512
   c.rvq.vocab_mode = "extend"
 

@@ -16,10 +16,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
@@ -34,7 +32,6 @@ from gea_jax.agent.sequence import fill_action_ids, sequence_builder
 from gea_jax.checkpoint import Checkpointer, abstract_like
 from gea_jax.reporting import MetricWriter, Progress
 from gea_jax.train.loop_utils import check_finite, install_sigterm_handler
-
 
 # --- validation ---------------------------------------------------------------------------------------
 
