@@ -13,7 +13,8 @@ continuous action). Timing: a compile run, then ``--rounds`` round-robin timed r
 
 Besides the measured ratio it prints the token-count ratios of three designs (tokens through the LLM per
 env step): recompute = T_a * seq_len, per-step cache = prompt_len + T_a - 1, and a cache carried across
-env steps (LLaRP-style growing context) = frame_len + T_a. Last line: JSON with ``kv_cache_speedup`` (the
+env steps (LLaRP-style growing context) = frame_len + T_a, with T_a the layout's action slots (both decoders
+run every slot; slots an embodiment does not use are masked). Last line: JSON with ``kv_cache_speedup`` (the
 geometric mean over the envs of the measured ratio).
 """
 
@@ -102,9 +103,11 @@ def main():
     sps = {v: args.envs * args.steps / statistics.median(t) for v, t in times.items()}
     speed = sps["kv_cache"] / sps["recompute"]
     speedups.append(speed)
-    tok_recompute = t_a * L.seq_len
-    tok_cache = L.prompt_len + t_a - 1
-    tok_carried = L.frame_len + t_a
+    # Both decoders loop over all L.action_tokens slots (the layout's maximum over embodiments; unused
+    # slots are masked), so the token counts use L.action_tokens, not this embodiment's t_a.
+    tok_recompute = L.action_tokens * L.seq_len
+    tok_cache = L.prompt_len + L.action_tokens - 1
+    tok_carried = L.frame_len + L.action_tokens
     row = dict(env=name, action_tokens=t_a, kv_env_steps_per_s=round(sps["kv_cache"], 2),
                recompute_env_steps_per_s=round(sps["recompute"], 2), speedup=round(speed, 2),
                token_ratio_per_step_cache=round(tok_recompute / tok_cache, 2),

@@ -164,6 +164,27 @@ def test_lora_ppo_on_grid_goto_changes_only_lora_and_resumes_exactly(assets, tmp
 def test_validate_names_the_bad_key():
   from gea_jax.config_validation import ConfigError
   c = _config()
+  c.sft.tokenizer_artifact, c.data.data_dir = "artifact", "data"
   c.ppo.num_minibatches = 3  # 1 embodiment x 2 envs x 4 steps = 8 transitions
   with pytest.raises(ConfigError, match="ppo.num_minibatches"):
     ppo.validate(c)
+
+
+def test_run_starts_from_the_sft_checkpoint(assets, tmp_path):
+  """`run` (the CLI trainer) loads the SFT run's weights: PPO's frozen base equals the SFT model's."""
+  from gea_jax.train import sft
+  config = _config("full")
+  config.sft.steps, config.sft.checkpoint_every = 2, 2
+  res_sft = sft.train(config, str(tmp_path / "sft_run"), artifact_dir=assets["artifact"], data_dir=assets["data_dir"])
+  config.sft.tokenizer_artifact, config.data.data_dir = assets["artifact"], assets["data_dir"]
+  config.ppo.sft_workdir = str(tmp_path / "sft_run")
+  config.ppo.train_mode = "lora"
+  config.ppo.iterations = 1
+  res = ppo.run(config, str(tmp_path / "ppo_run"))
+  assert res.iterations == 1 and np.isfinite(res.final_metrics["loss"])
+  fresh = _flat(_setup(assets, "full")[2])
+  a, b = _flat(res_sft.model), _flat(res.model)
+  base = [k for k in a if "llm" in k and "embed_tokens" not in k]
+  assert any(not np.array_equal(a[k], fresh[k]) for k in base)  # SFT moved them, so the check is not vacuous
+  for k in base:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)

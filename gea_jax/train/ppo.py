@@ -94,6 +94,9 @@ def validate(config) -> None:
   cv.one_of(config, f"{p}.task_split", ("train", "heldout_seed", "heldout_combo"))
   cv.require(int(config.model.value_hidden_dim) > 0, "model.value_hidden_dim", "must be > 0 (PPO needs the value head)",
              config.model.value_hidden_dim)
+  cv.require(bool(config.sft.tokenizer_artifact), "sft.tokenizer_artifact",
+             "must point to the RVQ artifact directory of the SFT run (WORKDIR/rvq/artifact)")
+  cv.require(bool(config.data.data_dir), "data.data_dir", "must point to the datasets (normalization statistics)")
   n = len(embodiment_names(config)) * int(config.ppo.num_envs) * int(config.ppo.unroll_length)
   cv.require(n % int(config.ppo.num_minibatches) == 0, f"{p}.num_minibatches",
              f"must divide the batch of {n} transitions (embodiments x num_envs x unroll_length)",
@@ -331,7 +334,6 @@ def run(config, workdir: str) -> PpoResult:
     config.ppo = ppo_defaults()
   validate(config)
   names = embodiment_names(config)
-  cv.require(bool(config.sft.tokenizer_artifact), "sft.tokenizer_artifact", "must point to an RVQ artifact directory")
   ctx = load_context(config, config.sft.tokenizer_artifact, config.data.data_dir, names)
   if config.ppo.sft_workdir:
     model = load_sft_model(config, str(config.ppo.sft_workdir), ctx)
