@@ -85,5 +85,8 @@ def agent_config():
   c.eval.greedy = True
   c.eval.expert_episodes = 32
 
+  from gea_jax.train.ppo import ppo_defaults  # stage 2 (set ppo.iterations = 0 to skip it)
+  c.ppo = ppo_defaults()
+
   mesh_and_sharding(c)
   return c

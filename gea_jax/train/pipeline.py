@@ -1,4 +1,4 @@
-"""The end-to-end run of configs/default.py: data -> stage 0 (RVQ) -> stage 1 (SFT) -> eval -> report.
+"""The end-to-end run of configs/default.py: data -> RVQ -> SFT -> eval -> PPO -> eval -> report.
 
     python -m gea_jax.main --config=configs/default.py --workdir=workdirs/demo
 
@@ -33,6 +33,7 @@ def validate(config) -> None:
   cv.positive(config, "rvq.batch_size")
   cv.one_of(config, "rvq.vocab_mode", ("extend", "reuse_tail"))
   cv.positive(config, "eval.episodes")
+  cv.positive(config, "ppo.iterations", allow_zero=True)
   for s in config.eval.splits:
     cv.require(s in ("train", "heldout_seed", "heldout_combo"), "eval.splits",
                "entries must be train / heldout_seed / heldout_combo", s)
@@ -81,6 +82,17 @@ def expert_success(data_dir: str, name: str, split: str) -> float | None:
   return rate.get(split) if isinstance(rate, dict) else rate
 
 
+def evaluate_rows(config, model, ctx, names, data_dir: str, stage: str) -> list[dict]:
+  """Held-out closed-loop success per embodiment and split, beside the expert's on the same split."""
+  from gea_jax.eval import evaluate
+  rows = evaluate(model, ctx, names, num_episodes=int(config.eval.episodes), splits=tuple(config.eval.splits),
+                  seed=int(config.seed) + 1000, greedy=bool(config.eval.greedy))
+  for r in rows:
+    ex = expert_success(data_dir, r["embodiment"], r["split"])
+    r.update(stage=stage, expert_success_rate=ex, fraction_of_expert=(r["success_rate"] / ex) if ex else None)
+  return rows
+
+
 def run(config, workdir: str) -> dict:
   t0 = time.time()
   validate(config)
@@ -88,42 +100,46 @@ def run(config, workdir: str) -> dict:
   data_dir = config.data.data_dir or os.path.join(workdir, "data")
   names = embodiment_names(config)
 
-  logging.info("[1/4] datasets in %s", data_dir)
+  logging.info("[1/5] datasets in %s", data_dir)
   build_data(config, data_dir)
 
   artifact = os.path.join(workdir, "rvq", "artifact")
   if not os.path.isdir(artifact):
-    logging.info("[2/4] RVQ action tokenizer")
+    logging.info("[2/5] RVQ action tokenizer")
     from gea_jax.train import tokenizer as tok_lib
     tok_lib.run(stage0_config(config, data_dir), os.path.join(workdir, "rvq"))
   from gea_jax.tokenizers.artifact import read_metadata
   rvq_metrics = read_metadata(artifact).get("metrics", {})
 
-  logging.info("[3/4] SFT")
+  logging.info("[3/5] SFT")
   result = sft_lib.train(config, workdir, artifact_dir=artifact, data_dir=data_dir, embodiments=names)
   if result.preempted:
     logging.warning("preempted during SFT at step %d; the checkpoint is saved, rerun the same command to resume",
                     result.steps)
     return {"preempted": True, "sft_steps": result.steps}
 
-  logging.info("[4/4] closed-loop evaluation")
-  from gea_jax.eval import evaluate
-  rows = evaluate(result.model, result.ctx, names, num_episodes=int(config.eval.episodes),
-                  splits=tuple(config.eval.splits), seed=int(config.seed) + 1000, greedy=bool(config.eval.greedy))
-  for r in rows:
-    ex = expert_success(data_dir, r["embodiment"], r["split"])
-    r["expert_success_rate"] = ex
-    r["fraction_of_expert"] = (r["success_rate"] / ex) if ex else None
-  summary = {"sft_steps": result.steps, "final_sft_loss": result.final_metrics.get("loss"),
+  logging.info("[4/5] closed-loop evaluation of the SFT agent")
+  rows = evaluate_rows(config, result.model, result.ctx, names, data_dir, stage="sft")
+  tables = {"closed-loop success (held-out), SFT": rows}
+  curves = {k: v for k, v in result.curves.items() if k.startswith(("sft/loss", "sft/token_accuracy"))}
+  ppo_summary = {}
+  if int(config.ppo.iterations) > 0:
+    logging.info("[5/5] online PPO from the SFT agent")
+    from gea_jax.train import ppo as ppo_lib
+    ppo_res = ppo_lib.train(config, workdir, result.model, result.ctx, names)
+    ppo_rows = evaluate_rows(config, ppo_res.model, result.ctx, names, data_dir, stage="sft+ppo")
+    tables["closed-loop success (held-out), SFT + PPO"] = ppo_rows
+    curves.update({k: v for k, v in ppo_res.curves.items() if "return" in k or "loss" in k})
+    ppo_summary = {"ppo_iterations": ppo_res.iterations, "ppo_wall_time_s": round(ppo_res.wall_time, 1)}
+    rows = rows + ppo_rows
+  summary = {**ppo_summary, "sft_steps": result.steps, "final_sft_loss": result.final_metrics.get("loss"),
              "final_token_accuracy": result.final_metrics.get("token_accuracy"),
              "wall_time_s": round(time.time() - t0, 1), "sft_wall_time_s": round(result.wall_time, 1),
              "rvq": rvq_metrics}
   from gea_jax.reporting import write_report
-  write_report(workdir, "gea_jax end-to-end run", tables={"closed-loop success (held-out)": rows},
-               curves={k: v for k, v in result.curves.items() if k.startswith("sft/loss")
-                       or k.startswith("sft/token_accuracy")}, summary=summary)
+  write_report(workdir, "gea_jax end-to-end run", tables=tables, curves=curves, summary=summary)
   for r in rows:
-    logging.info("%s/%s: success %.2f (expert %s)", r["embodiment"], r["split"], r["success_rate"],
+    logging.info("%s %s/%s: success %.2f (expert %s)", r["stage"], r["embodiment"], r["split"], r["success_rate"],
                  r["expert_success_rate"])
   print(json.dumps({"rows": rows, **{k: v for k, v in summary.items() if k != "rvq"}}, default=str))
   return {"rows": rows, "summary": summary}
