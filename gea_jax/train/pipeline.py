@@ -129,7 +129,7 @@ def run(config, workdir: str) -> dict:
     ppo_res = ppo_lib.train(config, workdir, result.model, result.ctx, names)
     ppo_rows = evaluate_rows(config, ppo_res.model, result.ctx, names, data_dir, stage="sft+ppo")
     tables["closed-loop success (held-out), SFT + PPO"] = ppo_rows
-    curves.update({k: v for k, v in ppo_res.curves.items() if "return" in k or "loss" in k})
+    curves.update({k: v for k, v in ppo_res.curves.items() if k.endswith(("/loss", "success_rate", "reward_per_step"))})
     ppo_summary = {"ppo_iterations": ppo_res.iterations, "ppo_wall_time_s": round(ppo_res.wall_time, 1)}
     rows = rows + ppo_rows
   summary = {**ppo_summary, "sft_steps": result.steps, "final_sft_loss": result.final_metrics.get("loss"),
