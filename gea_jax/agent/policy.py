@@ -59,6 +59,15 @@ def sft_loss(model, layout: PromptLayout, batch, mask_table):
   return loss, {"loss": loss, "token_accuracy": acc}
 
 
+def sample_token(model, h, emb, mask_table, j: int, used, key, *, greedy: bool, temperature: float, pad_id: int):
+  """Action token ``j`` from the hidden state ``h`` [b,1,d]: (token [b], its log-prob [b], 0 where unused)."""
+  logits = masked_logits(model, h, emb, mask_table, first_pos=j)[:, 0]
+  logp_all = jax.nn.log_softmax(logits / (1.0 if greedy else temperature), axis=-1)
+  tok = jnp.argmax(logits, -1) if greedy else jax.random.categorical(key, logp_all)
+  tok = jnp.where(used, tok, pad_id).astype(jnp.int32)
+  return tok, jnp.where(used, jnp.take_along_axis(logp_all, tok[:, None], -1)[:, 0], 0.0)
+
+
 class Decoded(NamedTuple):
   tokens: jax.Array     # [b, T] sampled ids (pad where the embodiment uses fewer tokens)
   logp: jax.Array       # [b] sum of the used tokens' log-probs
@@ -83,13 +92,11 @@ def decode_action_tokens(model, layout: PromptLayout, prompt, mask_table, token_
   emb = prompt["embodiment_id"]
   tokens, total = [], jnp.zeros((b,), jnp.float32)
   for j in range(T):
-    logits = masked_logits(model, h, emb, mask_table, first_pos=j)[:, 0]
-    logp_all = jax.nn.log_softmax(logits / (1.0 if greedy else temperature), axis=-1)
     key, sub = jax.random.split(key)
-    tok = jnp.argmax(logits, -1) if greedy else jax.random.categorical(sub, logp_all)
+    tok, logp = sample_token(model, h, emb, mask_table, j, token_valid[:, j], sub, greedy=greedy,
+                             temperature=temperature, pad_id=layout.pad_id)
     used = token_valid[:, j]
-    tok = jnp.where(used, tok, layout.pad_id).astype(jnp.int32)
-    total = total + jnp.where(used, jnp.take_along_axis(logp_all, tok[:, None], -1)[:, 0], 0.0)
+    total = total + logp
     tokens.append(tok)
     if j + 1 < T:
       step = model.llm.forward(tok[:, None], attention_mask=used[:, None].astype(jnp.int32), cache=cache,

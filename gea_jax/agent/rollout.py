@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from gea_jax.agent.context import AgentContext
-from gea_jax.agent.policy import Decoded, masked_logits
+from gea_jax.agent.policy import Decoded, sample_token
 from gea_jax.agent.prompt import PromptLayout, assemble
 from gea_jax.eval import init_buffers, instructions_of, make_policy_step, text_prompts
 
@@ -158,13 +158,10 @@ def decode_without_cache(model, layout: PromptLayout, prompt, mask_table, token_
     h = out.hidden_states[:, P - 1 + j:P + j]
     if j == 0 and model.vlm.value_head is not None:
       value = model.value(h[:, 0])
-    logits = masked_logits(model, h, emb, mask_table, first_pos=j)[:, 0]
-    logp_all = jax.nn.log_softmax(logits / (1.0 if greedy else temperature), axis=-1)
     key, sub = jax.random.split(key)
-    tok = jnp.argmax(logits, -1) if greedy else jax.random.categorical(sub, logp_all)
-    used = token_valid[:, j]
-    tok = jnp.where(used, tok, layout.pad_id).astype(jnp.int32)
-    total = total + jnp.where(used, jnp.take_along_axis(logp_all, tok[:, None], -1)[:, 0], 0.0)
+    tok, logp = sample_token(model, h, emb, mask_table, j, token_valid[:, j], sub, greedy=greedy,
+                             temperature=temperature, pad_id=layout.pad_id)
+    total = total + logp
     tokens = tokens.at[:, j].set(tok)
   return Decoded(tokens, total, value)
 
