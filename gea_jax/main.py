@@ -46,7 +46,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     _fail(f"unknown config key in {bad.split('=')[0]}: {msg}")
   except (ValueError, TypeError) as e:
     _fail(f"bad config override: {e}")
-  return []
+  raise AssertionError("unreachable")  # _fail exits
 
 
 def trainer_module(config):

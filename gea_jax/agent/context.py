@@ -73,10 +73,13 @@ def load_context(config, artifact_dir: str, data_dir: str, embodiments: Sequence
   if unknown:
     raise ValueError(f"data.embodiments {unknown} are not in the action tokenizer's embodiments {list(vocab.names)}")
   state_stats, action_stats = [], []
+  from data_pipelines.rlds_builder import dataset_path
   for s in specs:
-    try:
+    # Embodiments this run uses must have a readable dataset (errors name the file); others in the
+    # tokenizer's vocabulary may have none, and then carry no statistics.
+    if s.name in embodiments or dataset_path(data_dir, s.name).exists():
       norm = open_dataset(data_dir, s.name).normalization
-    except Exception:
+    else:
       norm = None
     state_stats.append(None if norm is None else norm.state)
     action_stats.append(None if norm is None else norm.action)

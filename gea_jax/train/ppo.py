@@ -306,6 +306,7 @@ def train(config, workdir: str, model: AgentModel, ctx: AgentContext, embodiment
       if preempt.requested:
         logging.warning("PPO: SIGTERM received; checkpoint saved at iteration %d, exiting", it)
         break
+  preempt.uninstall()
   learner.sync()
   ckpt.close()
   writer.flush()

@@ -88,10 +88,16 @@ def validate(config) -> None:
 # --- optimizer ---------------------------------------------------------------------------------------
 
 
-def make_optimizer(s, total_steps: int) -> optax.GradientTransformation:
-  warmup = min(int(s.warmup_steps), max(total_steps - 1, 0))
-  schedule = optax.warmup_cosine_decay_schedule(0.0, float(s.lr), max(warmup, 1), max(total_steps, warmup + 1),
-                                                end_value=float(s.lr) * float(s.min_lr_ratio))
+def lr_schedule(s) -> optax.Schedule:
+  """Warmup + cosine over ``sft.steps`` optimizer updates (with accumulation, one update per k micro-batches)."""
+  total = int(s.steps)
+  warmup = min(int(s.warmup_steps), max(total - 1, 0))
+  return optax.warmup_cosine_decay_schedule(0.0, float(s.lr), max(warmup, 1), max(total, warmup + 1),
+                                            end_value=float(s.lr) * float(s.min_lr_ratio))
+
+
+def make_optimizer(s) -> optax.GradientTransformation:
+  schedule = lr_schedule(s)  # inside MultiSteps the inner count advances once per real update
   parts = []
   if float(s.grad_clip) > 0:
     parts.append(optax.clip_by_global_norm(float(s.grad_clip)))
@@ -193,7 +199,7 @@ def setup_model(config, ctx: AgentContext, mesh, rules):
                       seed=int(config.seed))
   sharding.shard_module(model, mesh, rules)
   wrt = trainable_filter(config.model)
-  optimizer = nnx.Optimizer(model, make_optimizer(s, int(s.steps) * int(s.grad_accum)), wrt=wrt)
+  optimizer = nnx.Optimizer(model, make_optimizer(s), wrt=wrt)
   sharding.shard_module(optimizer, mesh, rules)  # moments follow their parameters' logical axes
   return model, optimizer, wrt
 
@@ -250,7 +256,7 @@ def train(config, workdir: str, *, artifact_dir: str, data_dir: str, embodiments
         metrics = {k: float(v) for k, v in jax.device_get(out).items()}
         check_finite(metrics["loss"], step, checkpointer=ckpt)
         metrics["samples_per_s"] = int(s.batch_size) * int(s.grad_accum) / max(time.time() - t_step, 1e-9)
-        metrics["lr"] = float(_current_lr(s, step))
+        metrics["lr"] = float(lr_schedule(s)(step - 1))
         writer.scalars(step, {f"sft/{k}": v for k, v in metrics.items()})
         bar.set_metrics(loss=metrics["loss"], acc=metrics["token_accuracy"])
       bar.update(1)
@@ -277,14 +283,6 @@ def train(config, workdir: str, *, artifact_dir: str, data_dir: str, embodiments
   writer.close()
   return SftResult(model=model, ctx=ctx, steps=step, final_metrics=metrics, wall_time=time.time() - t0,
                    curves=curves)
-
-
-def _current_lr(s, step: int) -> float:
-  total = int(s.steps) * int(s.grad_accum)
-  warmup = min(int(s.warmup_steps), max(total - 1, 0))
-  sched = optax.warmup_cosine_decay_schedule(0.0, float(s.lr), max(warmup, 1), max(total, warmup + 1),
-                                             end_value=float(s.lr) * float(s.min_lr_ratio))
-  return float(sched(step * int(s.grad_accum)))
 
 
 def _weights(config, embodiments):
