@@ -8,10 +8,9 @@ standardization, default pass-through tokenization, batching) in this process an
 worker processes. Timing starts after `--warmup_batches` (worker start-up and the first episode reads are
 excluded) and counts `--batches` batches.
 
-The trainer side is `trainer_samples_per_s()`: the samples/s one SFT step of the default config consumes.
-The SFT stage does not exist yet, so it returns None unless `gea_jax.train.sft` provides
-`samples_per_second()` or a number is passed with `--trainer_samples_per_s`; `headroom` is
-pipeline / trainer (goal >= 5). The last line printed is one JSON object with pipeline_samples_per_s,
+The trainer side is `trainer_samples_per_s()`: the samples/s one jitted SFT step of the default config
+consumes, timed in the same script on the same datasets (`--trainer_samples_per_s` overrides it with a
+number measured elsewhere); `headroom` is pipeline / trainer (goal >= 5). The last line printed is one JSON object with pipeline_samples_per_s,
 trainer_samples_per_s, headroom and the settings.
 """
 
@@ -29,18 +28,39 @@ from data_pipelines import pipeline as pl  # noqa: E402
 from data_pipelines import rlds_builder as rb  # noqa: E402
 
 
-def trainer_samples_per_s() -> float | None:
-  """Samples/s consumed by one SFT training step of configs/default.py, or None while unmeasurable.
+def trainer_samples_per_s(data_dir: str, embodiments: list[str], *, workdir: str, steps: int = 20,
+                          warmup: int = 3) -> float:
+  """Samples/s consumed by the SFT training step of configs/default.py on these datasets, in this process.
 
-  Plug-in point for the SFT stage: when `gea_jax.train.sft` defines `samples_per_second() -> float`
-  (timing a compiled train step of the default config, in samples per second), it is used here.
+  Trains a throw-away RVQ tokenizer for the datasets (50 steps: its quality does not change the step's
+  cost) when `workdir` has none, builds the default agent and its jitted, donated `sft.TrainStep`, feeds it
+  batches of the real SFT iterator, and times `steps` steps after `warmup` (compilation excluded). The
+  input pipeline runs in the same loop, so this is the trainer's end-to-end consumption rate.
   """
-  try:
-    from gea_jax.train import sft  # noqa: PLC0415
-  except ImportError:
-    return None
-  fn = getattr(sft, "samples_per_second", None)
-  return float(fn()) if callable(fn) else None
+  from gea_jax.agent.config import agent_config  # noqa: PLC0415
+  from gea_jax.agent.context import load_context  # noqa: PLC0415
+  from gea_jax.train import pipeline, sft  # noqa: PLC0415
+  from gea_jax.train import tokenizer as tok_lib  # noqa: PLC0415
+
+  config = agent_config()
+  config.data.embodiments = ",".join(embodiments)
+  config.rvq.steps = 50
+  artifact = os.path.join(workdir, "rvq", "artifact")
+  if not os.path.isdir(artifact):
+    tok_lib.run(pipeline.stage0_config(config, data_dir), os.path.join(workdir, "rvq"))
+  ctx = load_context(config, artifact, data_dir, embodiments)
+  mesh, rules = sft.mesh_and_rules(config)
+  model, optimizer, wrt = sft.setup_model(config, ctx, mesh, rules)
+  step = sft.TrainStep(ctx, model, optimizer, wrt, mesh)
+  it = sft.make_iterator(config, ctx, data_dir, embodiments)
+  import jax  # noqa: PLC0415
+  for _ in range(warmup):
+    jax.block_until_ready(step(sft.device_batch(next(it), mesh)))
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    out = step(sft.device_batch(next(it), mesh))
+  jax.block_until_ready(out)
+  return steps * int(config.sft.batch_size) / (time.perf_counter() - t0)
 
 
 def headroom(pipeline_samples_per_s: float, trainer: float | None) -> float | None:
@@ -94,7 +114,8 @@ def main(argv=None) -> dict:
   p.add_argument("--cache_mb", type=int, default=256,
                  help="decoded-episode cache per process; 0 keeps only the last decoded episode (worst case)")
   p.add_argument("--trainer_samples_per_s", type=float, default=None,
-                 help="the SFT step's consumption rate, if measured elsewhere")
+                 help="the SFT step's consumption rate, if measured elsewhere (skips timing it here)")
+  p.add_argument("--trainer_steps", type=int, default=20, help="timed SFT steps")
   a = p.parse_args(argv)
   embodiments = [e for e in a.embodiments.split(",") if e]
   ensure_datasets(a.data_dir, embodiments, a.episodes, a.seed)
@@ -107,11 +128,15 @@ def main(argv=None) -> dict:
     print(f"num_workers={r['num_workers']}: {r['samples_per_s']:.1f} samples/s "
           f"({r['samples']} samples in {r['seconds']} s; warm-up {r['warmup_seconds']} s)", file=sys.stderr)
   pipeline_sps = runs[-1]["samples_per_s"]
-  trainer = a.trainer_samples_per_s if a.trainer_samples_per_s is not None else trainer_samples_per_s()
+  trainer = a.trainer_samples_per_s
+  if trainer is None:
+    trainer = trainer_samples_per_s(a.data_dir, embodiments, workdir=a.data_dir.rstrip("/") + "_trainer",
+                                    steps=a.trainer_steps)
+    print(f"trainer (SFT step of configs/default.py): {trainer:.1f} samples/s", file=sys.stderr)
   hr = headroom(pipeline_sps, trainer)
   result = {
       "pipeline_samples_per_s": round(pipeline_sps, 1),
-      "trainer_samples_per_s": trainer,
+      "trainer_samples_per_s": round(trainer, 2),
       "headroom": None if hr is None else round(hr, 2),
       "pipeline_samples_per_s_in_process": round(runs[0]["samples_per_s"], 1),
       "worker_speedup": round(pipeline_sps / runs[0]["samples_per_s"], 2),

@@ -31,7 +31,6 @@ def main(argv):
   from gea_jax.agent.config import agent_config
   from gea_jax.eval import evaluate
   from gea_jax.train import pipeline, sft
-  from gea_jax.train import tokenizer as tok_lib
 
   workdir = os.path.abspath(_WORKDIR.value)
   names = [e for e in _EMBODIMENTS.value.split(",") if e]
@@ -39,13 +38,8 @@ def main(argv):
   config.data.embodiments = ",".join(names)
   config.data.episodes = _EPISODES.value
   config.eval.episodes = _EVAL_EPISODES.value
-  data_dir = os.path.join(workdir, "data")
-  config.data.data_dir = data_dir
   pipeline.validate(config)
-  pipeline.build_data(config, data_dir)
-  artifact = os.path.join(workdir, "rvq", "artifact")
-  if not os.path.isdir(artifact):
-    tok_lib.run(pipeline.stage0_config(config, data_dir), os.path.join(workdir, "rvq"))
+  data_dir, artifact = pipeline.prepare_inputs(config, workdir)
 
   def run(tag, domains, steps):
     c = config.copy_and_resolve_references()

@@ -171,13 +171,17 @@ def _random_actions(spec, key, n):
 
 
 def evaluate(model, ctx: AgentContext, embodiments: Sequence[str], *, num_episodes: int, splits: Sequence[str],
-             seed: int = 0, greedy: bool = True) -> list[dict[str, Any]]:
-  """Rows {embodiment, split, success_rate, mean_return, ...} for every embodiment x applicable split."""
+             seed: int = 0, greedy: bool = True, perturb: tuple[int, int] | None = None) -> list[dict[str, Any]]:
+  """Rows {embodiment, split, success_rate, mean_return, ...} for every embodiment x applicable split.
+
+  ``perturb``: as in ``evaluate_embodiment`` (random actions for a few steps mid-episode).
+  """
   rows = []
   for name in embodiments:
     for split in splits:
       if split == "heldout_combo" and not name.startswith("grid"):
         continue
-      r = evaluate_embodiment(model, ctx, name, num_episodes=num_episodes, split=split, seed=seed, greedy=greedy)
+      r = evaluate_embodiment(model, ctx, name, num_episodes=num_episodes, split=split, seed=seed, greedy=greedy,
+                               perturb=perturb)
       rows.append({"embodiment": name, "split": split, **r})
   return rows

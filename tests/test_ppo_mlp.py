@@ -63,6 +63,20 @@ def test_train_checkpoint_load_policy_and_resume(tmp_path, monkeypatch):
   sampled = np.asarray(ppo_mlp.load_policy(str(tmp_path), deterministic=False)(obs, jax.random.key(1)))
   assert sampled.shape == (5, 2) and not np.allclose(sampled, a)
 
+  # the exported single-file policy acts exactly like the checkpoint
+  from gea_jax.rl import policy_export
+  path = policy_export.export_policy(str(tmp_path), tmp_path / "expert.npz")
+  exported = policy_export.load_exported_policy(path)
+  assert exported.meta["env_name"] == "point_mass" and exported.meta["obs_dim"] == 4
+  np.testing.assert_allclose(np.asarray(jax.jit(exported)(obs)), a, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="observations of size 4"):
+    exported(np.zeros((3,)))
+  np.savez(tmp_path / "other.npz", x=np.zeros(3))
+  with pytest.raises(ValueError, match="not a gea_jax policy file"):
+    policy_export.load_exported_policy(tmp_path / "other.npz")
+  with pytest.raises(FileNotFoundError, match="no policy file"):
+    policy_export.load_exported_policy(tmp_path / "missing.npz")
+
   c2, _ = _tiny_config(1280)  # resume: continues from call 2 to call 4
   out2 = ppo_mlp.run(c2, str(tmp_path))
   assert out2["calls"] == 4 and out2["env_steps"] == 1280

@@ -43,6 +43,7 @@ _EXPERTS: dict[str, Any] = {
     "grid_putnext": "data_pipelines.experts.grid_planner:make_expert",
     "reacher": "data_pipelines.experts.reacher:make_expert",
     "pusher": "data_pipelines.experts.pusher:make_expert",
+    "halfcheetah": "data_pipelines.experts.halfcheetah:make_expert",
 }
 
 

@@ -55,6 +55,7 @@ def agent_config():
   c.model.vision.pool_grid = (2, 2)
   c.model.vision.image_size = 0        # 0 = the encoder's own / the data's size
   c.model.vision.channels = (16, 32, 64)
+  c.model.vision.coord_channels = False  # tiny_cnn: append (row, col) input channels (CoordConv)
 
   c.rvq = ml_collections.ConfigDict()
   c.rvq.num_levels = 2

@@ -127,7 +127,8 @@ def build_agent(model_cfg, layout: PromptLayout, state_dim: int, vocab_size: int
                                target_modules=tuple(model_cfg.lora.target_modules)), rngs)
   v = model_cfg.vision
   vcfg = VLMConfig(vision=v.encoder, pool_grid=tuple(v.pool_grid), image_size=v.image_size or None,
-                   value_hidden_dim=int(model_cfg.value_hidden_dim), tiny_cnn_channels=tuple(v.channels))
+                   value_hidden_dim=int(model_cfg.value_hidden_dim), tiny_cnn_channels=tuple(v.channels),
+                   tiny_cnn_coords=bool(v.get("coord_channels", False)))
   vlm = build_vlm(vcfg, llm, rngs=rngs)
   return AgentModel(vlm, layout, state_dim, rngs=rngs)
 

@@ -1,7 +1,10 @@
 """A tiny CNN vision encoder for fast CPU runs, behind the same interface as SigLIP / EfficientNet.
 
 ``features(images) -> [b, H / 2**n, W / 2**n, channels[-1]]``: n stride-2 3x3 convolutions (SAME padding)
-with GELU, then a LayerNorm over channels. ``image_mean`` / ``image_std`` map pixels in [0, 1] to [-1, 1].
+with GELU, then a LayerNorm over channels. With ``coord_channels`` two constant channels holding each
+pixel's (row, column) in [-1, 1] are appended to the input (CoordConv), so the features say *where* a thing
+is, not only what it is: the VLM average-pools the feature map to a few tokens, and without them the
+position of an object inside a pooled cell would be lost. ``image_mean`` / ``image_std`` map pixels in [0, 1] to [-1, 1].
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ class TinyCNN(nnx.Module):
   image_std = (0.5, 0.5, 0.5)
 
   def __init__(self, channels: tuple[int, ...] = (16, 32, 64), *, rngs: nnx.Rngs, in_channels: int = 3,
-               dtype=jnp.float32):
+               dtype=jnp.float32, coord_channels: bool = False):
     channels = tuple(channels)
     if not channels or any(not isinstance(c, int) or c <= 0 for c in channels):
       raise ValueError(f"TinyCNN.channels: expected a non-empty tuple of positive ints, got {channels!r}")
     self.in_channels = in_channels
+    self.coord_channels = bool(coord_channels)
     self.convs = nnx.List()
-    cin = in_channels
+    cin = in_channels + (2 if self.coord_channels else 0)
     for cout in channels:
       self.convs.append(nnx.Conv(
         cin, cout, kernel_size=(3, 3), strides=(2, 2), padding="SAME", dtype=dtype, param_dtype=dtype,
@@ -41,6 +45,11 @@ class TinyCNN(nnx.Module):
       raise ValueError(f"TinyCNN: expected images [batch, height, width, {self.in_channels}] (channels last), "
                        f"got shape {tuple(images.shape)}")
     x = images
+    if self.coord_channels:
+      b, h, w, _ = images.shape
+      rows = jnp.broadcast_to(jnp.linspace(-1.0, 1.0, h, dtype=images.dtype)[:, None, None], (h, w, 1))
+      cols = jnp.broadcast_to(jnp.linspace(-1.0, 1.0, w, dtype=images.dtype)[None, :, None], (h, w, 1))
+      x = jnp.concatenate([x, jnp.broadcast_to(jnp.concatenate([rows, cols], -1), (b, h, w, 2))], -1)
     for conv in self.convs:
       x = constrain(jax.nn.gelu(conv(x)), ("batch", None, None, "conv_out"))
     return self.norm(x)

