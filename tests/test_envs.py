@@ -124,3 +124,51 @@ def test_grid_putnext_success_needs_a_real_drop():
   assert tuple(np.asarray(s2.inner["agent"].pocket)) == tuple(a)
   s3 = step(s2, 4)  # put it back next to b
   assert bool(s3.success) and bool(s3.done) and bool(s3.terminal) and float(s3.reward) > 0
+
+
+def test_grid_doors_are_reachable_locked_landmarks_and_goto_targets():
+  """Doors sit in the walls (never corners) with a free floor cell inside; toggling one changes nothing;
+  grid_goto sometimes asks for a door and the planner reaches it; held-out combos never target a door."""
+  from xminigrid.core.constants import Tiles
+  from xminigrid.types import AgentState
+
+  from data_pipelines import experts
+  env = make("grid_goto")
+  g = env.grid_size - 1
+  keys = jax.random.split(jax.random.PRNGKey(11), 48)
+  reset = jax.jit(jax.vmap(env.reset, in_axes=(0, None)), static_argnums=1)
+  s = jax.device_get(reset(keys, "train"))
+  door_targets = 0
+  for i in range(len(keys)):
+    grid = s.inner["grid"][i]
+    doors = np.argwhere(grid[..., 0] == Tiles.DOOR_LOCKED)
+    assert len(doors) == env.num_doors
+    assert len({int(grid[r, c, 1]) for r, c in doors}) == env.num_doors  # distinct colours
+    for r, c in doors:
+      assert r in (0, g) or c in (0, g)
+      assert (r, c) not in {(0, 0), (0, g), (g, 0), (g, g)}
+      inside = (min(max(r, 1), g - 1), min(max(c, 1), g - 1))
+      assert grid[inside][0] == Tiles.FLOOR
+    if int(s.task["obj_a"][i][0]) == Tiles.DOOR_LOCKED:
+      door_targets += 1
+      assert env.instruction(jax.tree.map(lambda x, i=i: x[i], s)).endswith(" door")
+  assert 5 <= door_targets <= 30  # door_target_prob = 1/3 of 48
+  held = jax.device_get(reset(keys, "heldout_combo"))
+  assert not np.any(held.task["obj_a"][:, 0] == Tiles.DOOR_LOCKED)
+
+  # toggling a door in front of the agent leaves the grid as it was (with a key of the door's colour too)
+  one = jax.device_get(env.reset(jax.random.PRNGKey(0)))
+  grid = np.asarray(one.inner["grid"]).copy()
+  r, c = np.argwhere(grid[..., 0] == Tiles.DOOR_LOCKED)[0]
+  inside = (min(max(r, 1), g - 1), min(max(c, 1), g - 1))
+  grid[inside] = (Tiles.FLOOR, 0)
+  facing = {(-1, 0): 0, (0, 1): 1, (1, 0): 2, (0, -1): 3}[(int(r - inside[0]), int(c - inside[1]))]
+  agent = AgentState(position=jnp.asarray(inside), direction=jnp.asarray(facing),
+                     pocket=jnp.asarray([Tiles.KEY, int(grid[r, c, 1])], jnp.uint8))
+  st = one.replace(inner={"grid": jnp.asarray(grid), "agent": agent})
+  after = jax.jit(env.step)(st, 5)  # toggle
+  np.testing.assert_array_equal(np.asarray(after.inner["grid"]), grid)
+
+  eps = experts.rollout("grid_goto", 24, seed=3)
+  assert all(e["success"] for e in eps)
+  assert any(e["instruction"].endswith(" door") for e in eps)

@@ -1,9 +1,10 @@
 """Language-conditioned grid tasks (BabyAI-like) on xminigrid's JAX grid mechanics.
 
-Three embodiments share one grid world (a walled room with a few coloured objects) and differ by
-task family:
+Three embodiments share one grid world (a walled room with a few coloured objects and coloured,
+locked doors in its walls) and differ by task family:
 
-  grid_goto      "go to the red ball"                 success: the object is in the cell in front
+  grid_goto      "go to the red ball" / "go to the blue door"
+                                                      success: the object/door is in the cell in front
   grid_pickup    "pick up the blue key"               success: the agent holds the object
   grid_putnext   "put the green box next to the grey star"
                                                       success: it was just dropped next to the other
@@ -16,6 +17,10 @@ benchmark rulesets download at run time) and our own full-view RGB renderer (xmi
 is host-side numpy).
 
 Actions (discrete, xminigrid order): forward, right (turn clockwise), left, pickup, drop, toggle.
+Doors (`num_doors` per room, distinct colours, never in a corner, the floor cell inside them kept free)
+are locked landmarks: toggling them does nothing, so the agent never leaves the room. In grid_goto a
+door is the target with probability `door_target_prob` (train and heldout_seed; heldout_combo targets
+are always held-out objects).
 Image: the whole room from above, one `image_size // grid_size` pixel square per cell; the agent
 is a white triangle pointing where it faces, a held object shows as a coloured square on it.
 State (19): agent row/col (scaled to [0,1]), facing one-hot (4), holding flag, held object kind
@@ -65,6 +70,19 @@ _RGB = {
 }
 
 
+_DOOR_TILES = (Tiles.DOOR_LOCKED, Tiles.DOOR_CLOSED)
+
+
+def _door_cell(c: int, rgb) -> np.ndarray:
+  """A door in the wall: a coloured panel with a dark frame and a dark keyhole."""
+  cell = np.empty((c, c, 3), np.uint8)
+  cell[:] = np.asarray(rgb, np.uint8)
+  cell[0, :] = cell[-1, :] = cell[:, 0] = cell[:, -1] = 50
+  m = c // 2
+  cell[m - max(1, c // 8):m + max(1, c // 8), m - max(1, c // 16):m + max(1, c // 16) + 1] = 20
+  return cell
+
+
 def _shape_mask(kind: int, c: int) -> np.ndarray:
   """Boolean [c, c] silhouette of an object kind (tile id) in a c-pixel cell."""
   yy, xx = np.meshgrid((np.arange(c) + 0.5) / c - 0.5, (np.arange(c) + 0.5) / c - 0.5, indexing="ij")
@@ -102,6 +120,9 @@ def _tile_table(c: int) -> np.ndarray:
     mask = _shape_mask(kind, c)
     for col, rgb in _RGB.items():
       table[kind, col] = np.where(mask[..., None], np.asarray(rgb, np.uint8), floor)
+  for door in _DOOR_TILES:
+    for col, rgb in _RGB.items():
+      table[door, col] = _door_cell(c, rgb)
   return table
 
 
@@ -119,15 +140,21 @@ class GridTask(Embodiment):
   task_splits = SPLITS
 
   def __init__(self, image_size: int = 64, grid_size: int = 8, num_objects: int = 4,
-               max_episode_steps: int = 64):
+               max_episode_steps: int = 64, num_doors: int = 2, door_target_prob: float = 1 / 3):
     if grid_size < 4:
       raise ValueError(f"{self.task_family}: grid_size must be >= 4, got {grid_size}")
     if image_size % grid_size:
       raise ValueError(f"{self.task_family}: image_size ({image_size}) must be a multiple of grid_size ({grid_size})")
-    interior = (grid_size - 2) ** 2
+    if not 0 <= num_doors <= len(COLOURS):
+      raise ValueError(f"{self.task_family}: num_doors must be in [0, {len(COLOURS)}], got {num_doors}")
+    if not 0.0 <= door_target_prob <= 1.0 or (door_target_prob > 0 and num_doors == 0):
+      raise ValueError(f"{self.task_family}: door_target_prob must be in [0, 1] (0 without doors), got "
+                       f"{door_target_prob} with {num_doors} doors")
+    interior = (grid_size - 2) ** 2 - num_doors
     if not 2 <= num_objects <= min(interior - 1, int((~_HELDOUT).sum())):
       raise ValueError(f"{self.task_family}: num_objects must be in [2, {min(interior - 1, 30)}], got {num_objects}")
     self.grid_size, self.num_objects, self.image_size = grid_size, num_objects, image_size
+    self.num_doors, self.door_target_prob = int(num_doors), float(door_target_prob)
     self.cell = image_size // grid_size
     self.spec = EmbodimentSpec(
         name=f"grid_{self.task_family}",
@@ -138,6 +165,12 @@ class GridTask(Embodiment):
     self._agent = _agent_masks(self.cell)
     cells = np.array([(r, c) for r in range(1, grid_size - 1) for c in range(1, grid_size - 1)], np.int32)
     self._interior = cells
+    # Door slots: wall cells that are not corners, and the interior cell each one opens onto.
+    g = grid_size - 1
+    walls = [((0, c), (1, c)) for c in range(1, g)] + [((g, c), (g - 1, c)) for c in range(1, g)]
+    walls += [((r, 0), (r, 1)) for r in range(1, g)] + [((r, g), (r, g - 1)) for r in range(1, g)]
+    self._door_cells = np.array([w for w, _ in walls], np.int32)
+    self._door_inside = np.array([[int((cells == np.array(i)).all(1).nonzero()[0][0])] for _, i in walls], np.int32)[:, 0]
     self._empty_grid = np.asarray(room(grid_size, grid_size))
 
   # ---- sampling -------------------------------------------------------------------------
@@ -159,15 +192,29 @@ class GridTask(Embodiment):
   def reset(self, key, task_split="train"):
     check_split(task_split, self.task_splits, self.spec.name)
     key = split_key(key, task_split)
-    k_obj, k_pos, k_dir = jax.random.split(key, 3)
+    k_obj, k_pos, k_dir, k_door, k_door_col, k_tgt = jax.random.split(key, 6)
     combos = self._sample_combos(k_obj, task_split)
     tiles = jnp.stack([jnp.asarray(_TILE_OF_KIND)[combos[:, 0]], jnp.asarray(_COLOUR_OF)[combos[:, 1]]], -1)
+    grid = jnp.asarray(self._empty_grid)
+    free = jnp.ones(len(self._interior), jnp.float32)
+    doors = jnp.zeros((max(self.num_doors, 1), 2), jnp.int32)
+    if self.num_doors:
+      slot = jax.random.choice(k_door, len(self._door_cells), (self.num_doors,), replace=False)
+      colour = jax.random.choice(k_door_col, len(COLOURS), (self.num_doors,), replace=False)
+      doors = jnp.stack([jnp.full((self.num_doors,), Tiles.DOOR_LOCKED, jnp.int32),
+                         jnp.asarray(_COLOUR_OF)[colour]], -1)
+      wall = jnp.asarray(self._door_cells)[slot]
+      grid = grid.at[wall[:, 0], wall[:, 1]].set(doors.astype(jnp.uint8))
+      free = free.at[jnp.asarray(self._door_inside)[slot]].set(0.0)  # a door is always reachable
     cells = jnp.asarray(self._interior)[
-        jax.random.choice(k_pos, len(self._interior), (self.num_objects + 1,), replace=False)]
-    grid = jnp.asarray(self._empty_grid).at[cells[:-1, 0], cells[:-1, 1]].set(tiles.astype(jnp.uint8))
+        jax.random.choice(k_pos, len(self._interior), (self.num_objects + 1,), replace=False, p=free / free.sum())]
+    grid = grid.at[cells[:-1, 0], cells[:-1, 1]].set(tiles.astype(jnp.uint8))
     agent = AgentState(position=cells[-1], direction=jax.random.randint(k_dir, (), 0, 4),
                        pocket=jnp.asarray(TILES_REGISTRY[Tiles.EMPTY, Colors.EMPTY]))
-    task = {"obj_a": tiles[0].astype(jnp.int32), "obj_b": tiles[1].astype(jnp.int32)}
+    target = tiles[0].astype(jnp.int32)
+    if self.task_family == "goto" and self.num_doors and task_split != "heldout_combo":
+      target = jnp.where(jax.random.bernoulli(k_tgt, self.door_target_prob), doors[0], target)
+    task = {"obj_a": target, "obj_b": tiles[1].astype(jnp.int32)}
     inner = {"grid": grid, "agent": agent}
     z = jnp.zeros((), jnp.float32)
     f = jnp.zeros((), bool)
@@ -180,6 +227,9 @@ class GridTask(Embodiment):
     action = jnp.clip(jnp.asarray(action, jnp.int32).reshape(()), 0, len(ACTION_NAMES) - 1)
     grid, agent = state.inner["grid"], state.inner["agent"]
     new_grid, new_agent, changed = take_action(grid, agent, action)
+    front = self._front(agent)
+    front_door = jnp.isin(grid[front[0], front[1], 0], jnp.asarray([Tiles.DOOR_LOCKED, Tiles.DOOR_CLOSED]))
+    new_grid = jnp.where((action == TOGGLE) & front_door, grid, new_grid)  # doors stay locked
     success = self._success(state.task, new_grid, new_agent, action, changed, agent)
     t = (state.step + 1).astype(jnp.float32)
     reward = jnp.where(success, 1.0 - 0.9 * t / self.spec.max_episode_steps, 0.0)
@@ -227,7 +277,8 @@ class GridTask(Embodiment):
   @staticmethod
   def object_words(tile) -> str:
     tile = np.asarray(tile)
-    return f"{COLOURS[COLOUR_IDS.index(int(tile[1]))]} {OBJECTS[OBJECT_TILES.index(int(tile[0]))]}"
+    kind = "door" if int(tile[0]) in _DOOR_TILES else OBJECTS[OBJECT_TILES.index(int(tile[0]))]
+    return f"{COLOURS[COLOUR_IDS.index(int(tile[1]))]} {kind}"
 
 
 class GridGoTo(GridTask):
