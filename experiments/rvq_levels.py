@@ -92,8 +92,7 @@ def success_through(vocab, name: str, episodes: int, seed: int) -> float:
     return vocab.decode(ids, name)[0, 0, :dim]
 
   wrapped = dataclasses.replace(base, name=base.name + "+rvq", act=act)
-  eps = experts.rollout(name, episodes, seed, "train", expert=wrapped)
-  return float(np.mean([e["success"] for e in eps]))
+  return experts.success_rate(name, episodes, seed, "train", expert=wrapped, batch_size=128)
 
 
 def main() -> None:
@@ -101,7 +100,8 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=1000, help="training steps per tokenizer")
   p.add_argument("--episodes", type=int, default=96, help="expert episodes per body for training")
   p.add_argument("--eval_episodes", type=int, default=32, help="held-out expert episodes per body for NMSE")
-  p.add_argument("--success_episodes", type=int, default=64, help="episodes per body for the success test")
+  p.add_argument("--success_episodes", type=int, default=512,
+                 help="paired episodes per body for the success test (same seeds raw and tokenized)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--levels", default=",".join(map(str, LEVELS)), help="comma-separated L values (must include 2)")
   p.add_argument("--sizes", default=",".join(map(str, SIZES)), help="comma-separated K values (must include 512)")
@@ -154,7 +154,7 @@ def main() -> None:
   success = {}
   for name in bodies:
     log(f"[success] {name}: {args.success_episodes} episodes raw and through L=2 K=512")
-    raw = experts.success_rate(name, args.success_episodes, args.seed + 200_000, "train")
+    raw = experts.success_rate(name, args.success_episodes, args.seed + 200_000, "train", batch_size=128)
     tok = success_through(keep.vocab, name, args.success_episodes, args.seed + 200_000)
     success[name] = {"raw": raw, "rvq": tok, "drop_points": 100.0 * (raw - tok)}
     raw_success[name] = raw

@@ -90,6 +90,8 @@ def test_reacher_expert_success_and_determinism():
     _check_episode(ep, spec)
   rate = np.mean([e["success"] for e in eps])
   assert rate >= 0.9, rate
+  # the success-only program (no rendering) agrees episode for episode with the full rollout
+  assert experts.success_rate("reacher", 16, seed=0, batch_size=16) == rate
   again = experts.rollout("reacher", 2, seed=0, batch_size=16)  # same compiled program, same seeds
   for a, b in zip(eps[:2], again):
     for k in ("image", "state", "action", "reward"):
