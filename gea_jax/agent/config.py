@@ -25,6 +25,7 @@ def agent_config():
   c.data.embodiments = "reacher,grid_goto"
   c.data.weights = ""             # "reacher=1,grid_goto=1"; "" = uniform
   c.data.episodes = 200           # train episodes per embodiment
+  c.data.episodes_by_embodiment = ""  # overrides, e.g. "grid_goto=1000"
   c.data.heldout_episodes = 32    # per held-out split
   c.data.history = 3              # k steps in a window, the current one last (GEA: 3)
   c.data.image_size = 64

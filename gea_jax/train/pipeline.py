@@ -27,6 +27,7 @@ def validate(config) -> None:
   sft_lib.validate_sft(config)
   cv.positive(config, "data.episodes")
   cv.positive(config, "data.heldout_episodes")
+  episodes_per_embodiment(config)
   cv.positive(config, "rvq.num_levels")
   cv.positive(config, "rvq.codebook_size")
   cv.positive(config, "rvq.steps")
@@ -48,10 +49,28 @@ def embodiment_names(config) -> list[str]:
   return [e for e in str(config.data.embodiments).split(",") if e]
 
 
+def episodes_per_embodiment(config) -> dict[str, int]:
+  """Train episodes of each embodiment: ``data.episodes``, overridden by ``data.episodes_by_embodiment``
+  ("grid_goto=1000,reacher=200")."""
+  counts = {name: int(config.data.episodes) for name in embodiment_names(config)}
+  spec = str(config.data.get("episodes_by_embodiment", "") or "")
+  for item in (x.strip() for x in spec.split(",") if x.strip()):
+    name, sep, n = item.partition("=")
+    cv.require(sep == "=" and n.strip().isdigit() and int(n) > 0, "data.episodes_by_embodiment",
+               "expected 'name=positive int' entries separated by commas", item)
+    cv.require(name.strip() in counts, "data.episodes_by_embodiment",
+               f"names an embodiment not in data.embodiments ({', '.join(counts)})", name.strip())
+    counts[name.strip()] = int(n)
+  return counts
+
+
 def build_data(config, data_dir: str) -> dict:
   from data_pipelines.build import build
-  return build(embodiment_names(config), int(config.data.episodes), data_dir, seed=int(config.seed),
-               heldout_episodes=int(config.data.heldout_episodes))
+  summary = {}
+  for name, n in episodes_per_embodiment(config).items():
+    summary.update(build([name], n, data_dir, seed=int(config.seed),
+                         heldout_episodes=int(config.data.heldout_episodes)))
+  return summary
 
 
 def stage0_config(config, data_dir: str) -> ml_collections.ConfigDict:
