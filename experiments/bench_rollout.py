@@ -1,21 +1,34 @@
-"""Benchmark: env-steps/s of VLM-policy rollouts, KV-cached action decoding vs recomputing the context.
+"""Benchmark: env-steps/s of VLM-policy rollouts, text-prefix KV cache vs recomputing the context.
 
     .venv/bin/python experiments/bench_rollout.py [--layers 8] [--envs 8] [--steps 8] [--rounds 3]
 
 Same agent, same envs, same jitted collector (`gea_jax.agent.rollout.make_collector`, the one PPO uses):
-per env step the prompt (text + k-frame history, layout of `gea_jax.agent.prompt`) is built on device; the
-"kv_cache" variant runs the prompt once, then one cached step per further action token
-(`decode_action_tokens`); the "recompute" variant re-runs the whole sequence for every action token
-(`decode_without_cache`). The model is SmolLM2-135M-shaped (hidden 576, 9 heads / 3 KV heads, MLP 1536,
-vocab 49152 + action codes, random weights) with ``--layers`` layers (30 = the full depth), the tiny CNN
-vision encoder on 64x64 frames, and an untrained RVQ action tokenizer (``--rvq_levels`` tokens per
-continuous action). Timing: a compile run, then ``--rounds`` round-robin timed runs; medians reported.
+per env step the prompt (text + k-frame history, layout of `gea_jax.agent.prompt`) is built on device.
+Three decoders:
 
-Besides the measured ratio it prints the token-count ratios of three designs (tokens through the LLM per
-env step): recompute = T_a * seq_len, per-step cache = prompt_len + T_a - 1, and a cache carried across
-env steps (LLaRP-style growing context) = frame_len + T_a, with T_a the layout's action slots (both decoders
-run every slot; slots an embodiment does not use are masked). Last line: JSON with ``kv_cache_speedup`` (the
-geometric mean over the envs of the measured ratio).
+* "kv_cache" (the collector's default): the KV cache of the text part (embodiment prompt + instruction,
+  ``text_len`` slots) is computed once per collect call and carried across env steps in the scan; on a step
+  where any env was reset it is recomputed for all rows (and kept for the reset rows). Per env step only
+  the frame part of the prompt (history frames + current frame) runs on top of a copy of it, then one
+  cached step per further action token (`decode_action_tokens(..., prefix_cache=...)`);
+* "per_step_cache": the whole prompt runs every env step, then one cached step per further action token
+  (`decode_action_tokens` without a prefix, ``make_collector(..., prefix_cache=False)``);
+* "recompute": the whole sequence re-runs for every action token (`decode_without_cache`).
+
+``kv_cache_speedup`` = kv_cache env-steps/s / recompute env-steps/s (geometric mean over the envs);
+the per-step cache's ratio to recompute is reported beside it. The model is SmolLM2-135M-shaped (hidden
+576, 9 heads / 3 KV heads, MLP 1536, vocab 49152 + action codes, random weights) with ``--layers`` layers
+(30 = the full depth), the tiny CNN vision encoder on 64x64 frames, and an untrained RVQ action tokenizer
+(``--rvq_levels`` tokens per continuous action). Timing: a compile run, then ``--rounds`` round-robin
+timed runs; medians reported. Every variant encodes all k+1 frames with the vision encoder, decodes the
+action with the RVQ decoder and steps (and renders) the envs each step: those costs are shared.
+
+It also prints the tokens run through the LLM per env step and row, with T_a = the layout's action slots
+(every decoder runs every slot; slots an embodiment does not use are masked): recompute = T_a * seq_len,
+per-step cache = prompt_len + T_a - 1, text-prefix cache = (prompt_len - text_len) + T_a - 1 plus text_len
+x (1 + steps with a reset) / steps for the prefix (re)computations, counted from the timed kv_cache runs
+(episodes start fresh each call, so short runs have few or no resets). These counts ignore that cached
+attention still reads all cached slots. Last line: JSON with ``kv_cache_speedup``.
 """
 
 from __future__ import annotations
@@ -77,49 +90,74 @@ def main():
   mask_table = jnp.asarray(ctx.vocab.mask_table)
   print(f"model: SmolLM2-135M-shaped, {args.layers} layers, "
         f"{sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state)) / 1e6:.1f}M params; "
-        f"prompt_len={L.prompt_len} seq_len={L.seq_len} action slots={L.action_tokens} frame_len={L.frame_len}")
-  rows, speedups = [], []
+        f"text_len={L.text_len} prompt_len={L.prompt_len} seq_len={L.seq_len} action slots={L.action_tokens} "
+        f"frame_len={L.frame_len}")
+  rows = []
   for name in names:
     env = registry.make(name)
     e = ctx.index(name)
     t_a = ctx.vocab.tokens_per_action(e)
     pool = make_reset_pool(env, ctx, e, jax.random.key(1), args.envs * 3)
     fns = {}
-    for variant, dec in (("kv_cache", None), ("recompute", decode_without_cache)):
-      collect = make_collector(ctx, e, env, args.steps, greedy=False, decode_fn=dec)
-      fns[variant] = jax.jit(lambda st, pool, key, mt, collect=collect: collect(
-          nnx.merge(graphdef, st), pool, args.envs, key, mt)[0].logp)
+    variants = (("kv_cache", dict()), ("per_step_cache", dict(prefix_cache=False)),
+                ("recompute", dict(decode_fn=decode_without_cache)))
+    for variant, kw in variants:
+      collect = make_collector(ctx, e, env, args.steps, greedy=False, **kw)
+
+      def run(st, pool, key, mt, collect=collect):
+        traj = collect(nnx.merge(graphdef, st), pool, args.envs, key, mt)[0]
+        return traj.logp, jnp.any(traj.termination | traj.truncation, axis=1)  # [T, N], [T] step had a reset
+      fns[variant] = jax.jit(run)
     compile_s = {}
     for variant, f in fns.items():
       t0 = time.perf_counter()
       jax.block_until_ready(f(state, pool, jax.random.key(0), mask_table))
       compile_s[variant] = time.perf_counter() - t0
     times = {v: [] for v in fns}
+    reset_steps = []  # per timed kv_cache run: scan steps after which the text prefix was recomputed
     for r in range(args.rounds):
       for variant, f in fns.items():
         t0 = time.perf_counter()
-        jax.block_until_ready(f(state, pool, jax.random.key(r + 1), mask_table))
+        _, reset = jax.block_until_ready(f(state, pool, jax.random.key(r + 1), mask_table))
         times[variant].append(time.perf_counter() - t0)
+        if variant == "kv_cache":
+          reset_steps.append(int(np.sum(np.asarray(reset))))
     sps = {v: args.envs * args.steps / statistics.median(t) for v, t in times.items()}
-    speed = sps["kv_cache"] / sps["recompute"]
-    speedups.append(speed)
-    # Both decoders loop over all L.action_tokens slots (the layout's maximum over embodiments; unused
-    # slots are masked), so the token counts use L.action_tokens, not this embodiment's t_a.
-    tok_recompute = L.action_tokens * L.seq_len
-    tok_cache = L.prompt_len + L.action_tokens - 1
-    tok_carried = L.frame_len + L.action_tokens
+    # Tokens through the LLM per env step and row; every decoder loops over all L.action_tokens slots (the
+    # layout's maximum over embodiments; unused slots are masked), so the counts use L.action_tokens, not t_a.
+    frames = L.prompt_len - L.text_len
+    tok = {"recompute": L.action_tokens * L.seq_len, "per_step_cache": L.prompt_len + L.action_tokens - 1,
+           "kv_cache": frames + L.action_tokens - 1
+           + L.text_len * (1 + statistics.mean(reset_steps)) / args.steps}
+    steady = frames + L.action_tokens - 1  # the prefix cache with no reset and the prefix computation excluded
     row = dict(env=name, action_tokens=t_a, kv_env_steps_per_s=round(sps["kv_cache"], 2),
-               recompute_env_steps_per_s=round(sps["recompute"], 2), speedup=round(speed, 2),
-               token_ratio_per_step_cache=round(tok_recompute / tok_cache, 2),
-               token_ratio_carried_cache=round(tok_recompute / tok_carried, 2),
+               per_step_cache_env_steps_per_s=round(sps["per_step_cache"], 2),
+               recompute_env_steps_per_s=round(sps["recompute"], 2),
+               speedup=round(sps["kv_cache"] / sps["recompute"], 2),
+               per_step_cache_speedup=round(sps["per_step_cache"] / sps["recompute"], 2),
+               kv_over_per_step_cache=round(sps["kv_cache"] / sps["per_step_cache"], 2),
+               llm_tokens_per_env_step={k: round(v, 1) for k, v in tok.items()},
+               token_ratio_per_step_cache=round(tok["recompute"] / tok["per_step_cache"], 2),
+               token_ratio_kv_cache=round(tok["recompute"] / tok["kv_cache"], 2),
+               token_ratio_kv_cache_no_resets=round(tok["recompute"] / steady, 2),
+               reset_steps_per_run=reset_steps,
                first_call_s={k: round(v, 1) for k, v in compile_s.items()})
     rows.append(row)
     print(json.dumps(row))
-  gm = float(np.exp(np.mean(np.log(speedups))))
-  print(json.dumps({"kv_cache_speedup": round(gm, 2), "per_env": {r["env"]: r["speedup"] for r in rows},
+  gm = lambda key: round(float(np.exp(np.mean(np.log([r[key] for r in rows])))), 2)
+  print(f"\n{'env':<10} {'variant':<15} {'env-steps/s':>11} {'vs recompute':>12} {'LLM tokens/env step':>20}")
+  for r in rows:
+    for variant, sps_key, ratio in (("kv_cache", "kv_env_steps_per_s", r["speedup"]),
+                                    ("per_step_cache", "per_step_cache_env_steps_per_s", r["per_step_cache_speedup"]),
+                                    ("recompute", "recompute_env_steps_per_s", 1.0)):
+      print(f"{r['env']:<10} {variant:<15} {r[sps_key]:>11.2f} {ratio:>12.2f} "
+            f"{r['llm_tokens_per_env_step'][variant]:>20.1f}")
+  print(json.dumps({"kv_cache_speedup": gm("speedup"), "per_env": {r["env"]: r["speedup"] for r in rows},
+                    "per_step_cache_speedup": gm("per_step_cache_speedup"),
+                    "kv_over_per_step_cache": gm("kv_over_per_step_cache"),
                     "layers": args.layers, "envs": args.envs, "steps": args.steps,
-                    "token_ratio_carried_cache": {r["env"]: r["token_ratio_carried_cache"] for r in rows}}))
-
+                    "token_ratio_kv_cache": {r["env"]: r["token_ratio_kv_cache"] for r in rows},
+                    "reset_steps_per_run": {r["env"]: r["reset_steps_per_run"] for r in rows}}))
 
 if __name__ == "__main__":
   main()

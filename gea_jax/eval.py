@@ -5,6 +5,9 @@ of `gea_jax.agent.prompt` on device from rolling buffers of the last k frames, s
 tokens, samples the action's tokens one by one with the KV cache (greedy or sampled, constrained to
 the embodiment's valid ids), decodes them with the RVQ decoder and steps the environment. The
 per-step function is jitted once per embodiment; episodes end on success or at the time limit.
+Environments are not reset during an evaluation, so each env's text (embodiment prompt + instruction)
+is fixed: its KV cache is computed once before the loop (`text_prefix_cache`) and every step runs only
+the frame part of the prompt on top of it (same actions as running the whole prompt, up to float rounding).
 Returns success rate and mean return per embodiment and split; deterministic for a seed.
 """
 
@@ -20,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from gea_jax.agent.context import AgentContext
-from gea_jax.agent.policy import decode_action_tokens
+from gea_jax.agent.policy import decode_action_tokens, text_prefix_cache
 from gea_jax.agent.prompt import assemble, embodiment_prompt, left_pad
 
 
@@ -58,10 +61,12 @@ def text_prompts(ctx: AgentContext, e: int, instructions: Sequence[str]) -> tupl
 
 
 def make_policy_step(ctx: AgentContext, e: int, *, greedy: bool, temperature: float = 1.0, decode_fn=None):
-  """A jittable fn(model, buffers, obs, text_ids, text_mask, key, mask_table) -> (env action, tokens, logp,
-  value, buffers'). ``mask_table`` (``vocab.mask_table``) is an argument, not a closed-over constant, so
-  XLA does not try to constant-fold the masked softmax. ``decode_fn`` replaces `decode_action_tokens`
-  (same signature; e.g. the no-cache reference decoder of `gea_jax.agent.rollout`)."""
+  """A jittable fn(model, buffers, obs, text_ids, text_mask, key, mask_table, prefix_cache=None) -> (env action,
+  tokens, logp, value, buffers'). ``mask_table`` (``vocab.mask_table``) is an argument, not a closed-over
+  constant, so XLA does not try to constant-fold the masked softmax. ``prefix_cache``: the
+  `text_prefix_cache` of ``text_ids``/``text_mask`` (then only the frame part of the prompt is run), or None
+  (the whole prompt). ``decode_fn`` replaces `decode_action_tokens` (same signature; it is passed
+  ``prefix_cache=`` only when one is given; e.g. the no-cache reference decoder of `gea_jax.agent.rollout`)."""
   decode_fn = decode_fn or decode_action_tokens
   L, vocab = ctx.layout, ctx.vocab
   mean, std = state_norm_arrays(ctx, e)
@@ -82,13 +87,14 @@ def make_policy_step(ctx: AgentContext, e: int, *, greedy: bool, temperature: fl
     return RolloutBuffers(images=roll(buffers.images, img), states=roll(buffers.states, st),
                           hist_ids=buffers.hist_ids, frame_valid=roll(buffers.frame_valid, jnp.ones((n,), bool)))
 
-  def step(model, buffers: RolloutBuffers, obs, text_ids, text_mask, key, mask_table):
+  def step(model, buffers: RolloutBuffers, obs, text_ids, text_mask, key, mask_table, prefix_cache=None):
     buffers = push(buffers, obs)
     n = text_ids.shape[0]
     tok_valid = jnp.broadcast_to(jnp.arange(L.action_tokens) < n_tok, (n, L.action_tokens))
     prompt = assemble(L, jnp, text_ids, text_mask, buffers.frame_valid, buffers.hist_ids, tok_valid)
     prompt.update(image=buffers.images, state=buffers.states, embodiment_id=jnp.full((n,), e, jnp.int32))
-    dec = decode_fn(model, L, prompt, mask_table, tok_valid, key, greedy=greedy, temperature=temperature)
+    kw = {} if prefix_cache is None else {"prefix_cache": prefix_cache}
+    dec = decode_fn(model, L, prompt, mask_table, tok_valid, key, greedy=greedy, temperature=temperature, **kw)
     ids = jnp.where(tok_valid, dec.tokens, -1)
     actions = vocab.decode(ids, jnp.full((n,), e, jnp.int32))[:, 0]  # [N, max_dim]
     if spec.action_space.is_continuous:
@@ -124,11 +130,13 @@ def _jitted_env_fns(env, split: str):
 
 
 def evaluate_embodiment(model, ctx: AgentContext, name: str, *, num_episodes: int, split: str, seed: int,
-                        greedy: bool = True, perturb: tuple[int, int] | None = None) -> dict[str, Any]:
+                        greedy: bool = True, perturb: tuple[int, int] | None = None,
+                        text_prefix: bool = True) -> dict[str, Any]:
   """Runs ``num_episodes`` episodes in parallel; returns success_rate, mean_return, mean_length.
 
   perturb=(start, length): replace the policy's actions by uniformly random ones for ``length`` steps
   from step ``start`` (the recovery test of GEA's online-RL lesson).
+  text_prefix: cache the text part of the prompt once (default); False runs the whole prompt every step.
   """
   from gea_jax.envs import registry
   env = registry.make(name)
@@ -139,6 +147,10 @@ def evaluate_embodiment(model, ctx: AgentContext, name: str, *, num_episodes: in
   text_ids, text_mask = text_prompts(ctx, e, instructions_of(env, states, num_episodes))
   text_ids, text_mask = jnp.asarray(text_ids), jnp.asarray(text_mask)
   policy = nnx.jit(make_policy_step(ctx, e, greedy=greedy))
+  prefix = None
+  if text_prefix:  # no resets during the evaluation: the text (and its KV cache) is fixed
+    L = ctx.layout
+    prefix = nnx.jit(lambda m, ids, mask: text_prefix_cache(m, L, ids, mask))(model, text_ids, text_mask)
   buffers = init_buffers(ctx, num_episodes)
   spec = env.spec
   done = np.zeros(num_episodes, bool)
@@ -147,7 +159,8 @@ def evaluate_embodiment(model, ctx: AgentContext, name: str, *, num_episodes: in
   length = np.zeros(num_episodes, np.int64)
   for t in range(spec.max_episode_steps):
     k = jax.random.fold_in(key, t + 1)
-    action, _, _, _, buffers = policy(model, buffers, states.obs, text_ids, text_mask, k, ctx.vocab.mask_table)
+    action, _, _, _, buffers = policy(model, buffers, states.obs, text_ids, text_mask, k, ctx.vocab.mask_table,
+                                      prefix)
     if perturb is not None and perturb[0] <= t < perturb[0] + perturb[1]:
       action = _random_actions(spec, jax.random.fold_in(k, 7), num_episodes)
     states = env_step(states, action)

@@ -1,5 +1,6 @@
-"""Stage 2 VLM PPO: sampled log-prob = teacher-forced, KV-cached decoding = recomputed context, only the
-configured parameters change, and one PPO run on grid_goto (finite losses, exact resume).
+"""Stage 2 VLM PPO: sampled log-prob = teacher-forced, KV-cached decoding = recomputed context, decoding on a
+text-prefix KV cache = decoding the whole prompt (single step, PPO collector with auto-resets, evaluation),
+only the configured parameters change, and one PPO run on grid_goto (finite losses, exact resume).
 
 Fixtures (synthetic datasets, untrained RVQ artifact, tiny config) come from tests/test_sft.py.
 """
@@ -16,9 +17,10 @@ from test_sft import EMBODIMENTS, tiny_config
 
 from gea_jax.agent.context import load_context
 from gea_jax.agent.model import build_agent
-from gea_jax.agent.policy import action_scores, decode_action_tokens
+from gea_jax.agent.policy import action_scores, decode_action_tokens, text_prefix_cache
 from gea_jax.agent.prompt import assemble
-from gea_jax.agent.rollout import decode_without_cache
+from gea_jax.agent.rollout import decode_without_cache, make_collector, make_reset_pool
+from gea_jax.envs import registry
 from gea_jax.train import ppo
 
 assets = test_sft.assets  # the module-scoped fixture: synthetic datasets + untrained RVQ artifact
@@ -105,6 +107,100 @@ def test_kv_cache_decoding_equals_recomputed_context(assets):
   np.testing.assert_allclose(np.asarray(cached.value), np.asarray(full.value), atol=1e-5)
   # rows differ: greedy decoding depends on the context (a constant policy would pass trivially)
   assert len({tuple(r) for r in np.asarray(cached.tokens).tolist()}) > 1
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_text_prefix_cache_decoding_equals_whole_prompt(assets, greedy):
+  """The frame part on top of the text's KV cache = the whole prompt (rows differ in text and history length)."""
+  _, ctx, model = _setup(assets, "full")
+  L = ctx.layout
+  prompt, tok_valid, (text, tmask, fvalid, _) = _prompts(ctx, n=8, seed=2)
+  assert len(set(tmask.sum(1).tolist())) > 1 and len(set(fvalid.sum(1).tolist())) > 1  # the batch is mixed
+  mask_table = jnp.asarray(ctx.vocab.mask_table)
+  prefix = nnx.jit(lambda m, t, tm: text_prefix_cache(m, L, t, tm))(model, jnp.asarray(text), jnp.asarray(tmask))
+  assert int(prefix.index) == L.text_len and prefix.max_len == L.seq_len
+  dec = nnx.jit(lambda m, p, k, c: decode_action_tokens(m, L, p, mask_table, tok_valid, k, greedy=greedy,
+                                                        prefix_cache=c))
+  whole = dec(model, prompt, jax.random.key(5), None)
+  split = dec(model, prompt, jax.random.key(5), prefix)
+  np.testing.assert_array_equal(np.asarray(split.tokens), np.asarray(whole.tokens))
+  np.testing.assert_allclose(np.asarray(split.logp), np.asarray(whole.logp), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(split.value), np.asarray(whole.value), atol=1e-5)
+  assert len({tuple(r) for r in np.asarray(whole.tokens).tolist()}) > 1
+  # the text matters: a prefix of other texts changes the decision
+  other = text_prefix_cache(model, L, jnp.asarray(np.roll(text, 1, 0)), jnp.asarray(np.roll(tmask, 1, 0)))
+  wrong = dec(model, prompt, jax.random.key(5), other)
+  assert not np.allclose(np.asarray(wrong.logp), np.asarray(whole.logp), atol=1e-3)
+
+
+def test_text_prefix_cache_misuse_is_named(assets):
+  _, ctx, model = _setup(assets, "full")
+  L = ctx.layout
+  prompt, tok_valid, (text, tmask, _, _) = _prompts(ctx, n=4, seed=0)
+  mask_table = jnp.asarray(ctx.vocab.mask_table)
+  with pytest.raises(ValueError, match="text_len"):
+    text_prefix_cache(model, L, jnp.asarray(text[:, 1:]), jnp.asarray(tmask[:, 1:]))
+  small = text_prefix_cache(model, L, jnp.asarray(text[:2]), jnp.asarray(tmask[:2]))
+  with pytest.raises(ValueError, match="2 rows but the prompt has 4"):
+    decode_action_tokens(model, L, prompt, mask_table, tok_valid, jax.random.key(0), greedy=True, prefix_cache=small)
+  other = model.llm.init_cache(4, L.seq_len)
+  with pytest.raises(ValueError, match="text_prefix_cache"):
+    decode_action_tokens(model, L, prompt, mask_table, tok_valid, jax.random.key(0), greedy=True, prefix_cache=other)
+
+
+@pytest.mark.parametrize("name", ["reacher", "grid_goto"])
+def test_collector_with_text_prefix_cache_equals_per_step_decoding(assets, name):
+  """Same trajectory with the text cache carried across steps (and recomputed on auto-resets) as without."""
+  _, ctx, model = _setup(assets, "full")
+  e = ctx.index(name)
+  env = registry.make(name, max_episode_steps=3)  # short episodes: the scan goes through auto-resets
+  n, T = 3, 8
+  pool = make_reset_pool(env, ctx, e, jax.random.key(1), 8)
+  mask_table = jnp.asarray(ctx.vocab.mask_table)
+  graphdef, state = nnx.split(model)
+  outs = []
+  for prefix in (True, False):
+    collect = make_collector(ctx, e, env, T, greedy=False, prefix_cache=prefix)
+    f = jax.jit(lambda st, pool, key, mt, collect=collect: collect(nnx.merge(graphdef, st), pool, n, key, mt))
+    outs.append(f(state, pool, jax.random.key(2), mask_table))
+  (a, boot_a), (b, boot_b) = outs
+  done = np.asarray(a.termination | a.truncation)
+  assert done[:-1].any()  # resets inside the scan
+  text = np.asarray(a.text_ids)
+  assert any(not np.array_equal(text[0, i], text[-1, i]) for i in range(n))  # reset rows got new instructions
+  np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+  np.testing.assert_array_equal(np.asarray(a.reward), np.asarray(b.reward))
+  np.testing.assert_allclose(np.asarray(a.logp), np.asarray(b.logp), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(a.value), np.asarray(b.value), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(boot_a), np.asarray(boot_b), atol=1e-5)
+
+
+def test_evaluation_with_text_prefix_cache_is_unchanged(assets, monkeypatch):
+  """Same results and the same actions at every step with the text cached once as with the whole prompt."""
+  from gea_jax import eval as ev
+  _, ctx, model = _setup(assets, "full")
+  actions = []
+  jitted = ev._jitted_env_fns
+
+  def recording(env, split):
+    reset, step = jitted(env, split)
+
+    def rec_step(states, action):
+      actions[-1].append(np.asarray(action))
+      return step(states, action)
+    return reset, rec_step
+
+  monkeypatch.setattr(ev, "_jitted_env_fns", recording)
+  for greedy in (True, False):
+    runs = []
+    for prefix in (True, False):
+      actions.append([])
+      runs.append(ev.evaluate_embodiment(model, ctx, "grid_goto", num_episodes=4, split="heldout_seed", seed=3,
+                                         greedy=greedy, text_prefix=prefix))
+    assert runs[0] == runs[1], (greedy, runs)
+    a, b = actions[-2], actions[-1]
+    assert len(a) == len(b) > 1 and len(np.unique(np.stack(a))) > 1  # the policy does not act constantly
+    np.testing.assert_array_equal(np.stack(a), np.stack(b))
 
 
 def _flat(model, filt=nnx.Param):

@@ -2,9 +2,11 @@
 
 It consumes the fixed-slot sequences of `gea_jax.agent.prompt`: image slots receive the projected
 image tokens of their frame, state slots a linear projection of that frame's proprioceptive state,
-every other slot the LLM's token embedding. `build_agent` makes one from a config: a random tiny
-LLM for fast CPU runs, or a pretrained LLM (HF directory / GGUF) whose vocabulary is grown to hold
-the action tokens.
+every other slot the LLM's token embedding. `AgentModel.forward` also runs a part of a sequence
+(``offset``): the text alone, or the frames on top of a KV cache of the text
+(`gea_jax.agent.policy.text_prefix_cache`). `build_agent` makes one from a config: a random tiny LLM
+for fast CPU runs, or a pretrained LLM (HF directory / GGUF) whose vocabulary is grown to hold the
+action tokens.
 """
 
 from __future__ import annotations
@@ -45,27 +47,50 @@ class AgentModel(nnx.Module):
   def llm(self) -> CausalLM:
     return self.vlm.llm
 
-  def embed(self, input_ids: jax.Array, images: jax.Array, states: jax.Array) -> jax.Array:
-    """input_ids [b,S], images [b,F,H,W,3], states [b,F,Ds] -> embeddings [b,S,d]."""
+  def part_bounds(self, offset: int, length: int) -> tuple[int, int]:
+    """Check that slots [offset, offset + length) are a part of the layout the model can embed alone.
+
+    A part starts at 0 or at ``text_len`` (the first frame slot) and ends at ``text_len``, ``prompt_len``
+    or ``seq_len``: the text alone (`gea_jax.agent.policy.text_prefix_cache`), the frames (+ targets) on
+    top of a text cache, or a whole prompt / sequence.
+    """
+    L = self.layout
+    start, end = int(offset), int(offset) + int(length)
+    if start not in (0, L.text_len) or end not in (L.text_len, L.prompt_len, L.seq_len) or end <= start:
+      raise ValueError(f"AgentModel: input_ids of length {length} at offset {offset} is not a part of the layout "
+                       f"(offset must be 0 or text_len={L.text_len}; offset + length must be text_len, "
+                       f"prompt_len={L.prompt_len} or seq_len={L.seq_len})")
+    return start, end
+
+  def embed(self, input_ids: jax.Array, images: jax.Array | None, states: jax.Array | None,
+            offset: int = 0) -> jax.Array:
+    """input_ids [b,S], images [b,F,H,W,3], states [b,F,Ds] -> embeddings [b,S,d].
+
+    ``input_ids`` holds the layout's slots ``offset .. offset + S`` (see `part_bounds`); images / states may
+    be None when that part has no image / state slot (the text alone).
+    """
     b, s = input_ids.shape
-    if s != self.layout.seq_len and s != self.layout.prompt_len:
-      raise ValueError(f"input_ids length {s} matches neither layout.seq_len={self.layout.seq_len} nor "
-                       f"prompt_len={self.layout.prompt_len}")
-    kind = np.asarray(self._kind[:s])
+    start, end = self.part_bounds(offset, s)
+    kind = np.asarray(self._kind[start:end])
+    has_images = bool((kind == IMAGE_SLOT).any())
     image_mask = jnp.broadcast_to(kind == IMAGE_SLOT, (b, s))
-    x = self.vlm.embed_inputs(input_ids, images, image_mask)
-    if self.layout.use_state:
+    x = self.vlm.embed_inputs(input_ids, images if has_images else None, image_mask)
+    if self.layout.use_state and (kind == STATE_SLOT).any():
+      if states is None:
+        raise ValueError("AgentModel.embed: this part of the layout has state slots but states is None")
       st = states.astype(jnp.float32)
       if st.shape[-1] < self.state_dim:
         st = jnp.pad(st, ((0, 0), (0, 0), (0, self.state_dim - st.shape[-1])))
       tok = self.state_proj(st[..., :max(self.state_dim, 1)] if self.state_dim else jnp.zeros(st.shape[:2] + (1,)))
-      frame = np.clip(np.asarray(self._frame[:s]), 0, None)
+      frame = np.clip(np.asarray(self._frame[start:end]), 0, None)
       placed = tok[:, frame].astype(x.dtype)  # [b, S, d]
       x = jnp.where((kind == STATE_SLOT)[None, :, None], placed, x)
     return constrain(x, ("batch", "length", "embed"))
 
-  def forward(self, input_ids, images, states, attention_mask, positions, cache=None) -> LlmOutput:
-    x = self.embed(input_ids, images, states)
+  def forward(self, input_ids, images, states, attention_mask, positions, cache=None, offset: int = 0) -> LlmOutput:
+    """Hidden states of the layout's slots ``offset .. offset + S`` (``offset=text_len``: the frames on top of a
+    text-prefix ``cache``; ``positions`` are those of the full sequence)."""
+    x = self.embed(input_ids, images, states, offset)
     return self.llm.forward(inputs_embeds=x, positions=positions, attention_mask=attention_mask, cache=cache,
                             compute_logits=False)
 

@@ -3,6 +3,13 @@
 The distribution at each action-token position is the LLM's softmax restricted to the ids valid for
 the row's embodiment at that position (`ActionVocab.mask_table`), in training and in acting alike.
 An action's log-probability is the sum over its tokens' log-probabilities.
+
+Acting (`decode_action_tokens`) runs the prompt through the LLM into a KV cache, then one cached step per
+further action token. The prompt's text part (embodiment prompt + instruction, ``text_len`` slots) is the
+longest and is constant for an episode, so it can be cached once (`text_prefix_cache`) and passed as
+``prefix_cache``: each decision then runs only the frame part (history frames + current frame) on top of the
+text's cache. RoPE positions are explicit (those of the full prompt), so this is the same computation split
+in two and gives the same tokens, log-probs and values (up to float rounding).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from gea_jax.agent.prompt import PromptLayout
+from gea_jax.models.kv_cache import KVCache
 
 _NEG = -1e9
 
@@ -74,18 +82,60 @@ class Decoded(NamedTuple):
   value: jax.Array      # [b] value estimate at the prompt (zeros without a value head)
 
 
+def text_prefix_cache(model, layout: PromptLayout, text_ids: jax.Array, text_mask: jax.Array) -> KVCache:
+  """KV cache [b, seq_len] holding the text part of the prompt (slots 0..text_len), for `decode_action_tokens`.
+
+  text_ids, text_mask: [b, text_len] left-padded text (as given to `prompt.assemble`). Recompute it when a row's
+  text changes (a new episode / instruction); the cache itself is never modified by decoding.
+  """
+  if text_ids.ndim != 2 or text_ids.shape[1] != layout.text_len:
+    raise ValueError(f"text_prefix_cache: text_ids must be [batch, text_len={layout.text_len}], "
+                     f"got shape {tuple(text_ids.shape)}")
+  if text_mask.shape != text_ids.shape:
+    raise ValueError(f"text_prefix_cache: text_mask shape {tuple(text_mask.shape)} != text_ids shape "
+                     f"{tuple(text_ids.shape)}")
+  b = text_ids.shape[0]
+  mask = text_mask.astype(jnp.int32)
+  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)  # as in prompt.assemble
+  cache = model.llm.init_cache(b, layout.seq_len)
+  return model.forward(text_ids.astype(jnp.int32), None, None, mask, positions, cache=cache).cache
+
+
+def check_prefix_cache(layout: PromptLayout, prefix_cache: KVCache, batch: int) -> None:
+  """Raise if ``prefix_cache`` is not a `text_prefix_cache` of this layout for ``batch`` rows."""
+  if prefix_cache.batch_size != batch:
+    raise ValueError(f"prefix_cache holds {prefix_cache.batch_size} rows but the prompt has {batch}")
+  if prefix_cache.max_len != layout.seq_len:
+    raise ValueError(f"prefix_cache has {prefix_cache.max_len} slots, expected seq_len={layout.seq_len}: make it "
+                     f"with text_prefix_cache for this layout")
+  if not isinstance(prefix_cache.index, jax.core.Tracer) and int(prefix_cache.index) != layout.text_len:
+    raise ValueError(f"prefix_cache holds {int(prefix_cache.index)} slots, expected the text's "
+                     f"text_len={layout.text_len}: make it with text_prefix_cache")
+
+
 def decode_action_tokens(model, layout: PromptLayout, prompt, mask_table, token_valid, key, *, greedy: bool,
-                         temperature: float = 1.0) -> Decoded:
+                         temperature: float = 1.0, prefix_cache: KVCache | None = None) -> Decoded:
   """Sample the T action tokens one by one with the KV cache.
 
   prompt: input_ids/attention_mask/positions of length prompt_len, image, state, embodiment_id.
   token_valid: bool [b, T] which positions the row's embodiment uses.
+  prefix_cache: `text_prefix_cache` of the prompt's text part (the caller keeps them in sync): only the
+    frame part (slots text_len..prompt_len) is run, on top of it. None: the whole prompt is run.
   """
-  b = prompt["input_ids"].shape[0]
+  b, n = prompt["input_ids"].shape
   T = layout.action_tokens
-  cache = model.llm.init_cache(b, layout.seq_len)
-  out = model.forward(prompt["input_ids"], prompt["image"], prompt["state"], prompt["attention_mask"],
-                      prompt["positions"], cache=cache)
+  if n != layout.prompt_len:
+    raise ValueError(f"decode_action_tokens: prompt input_ids of length {n}, expected prompt_len={layout.prompt_len}")
+  if prefix_cache is None:
+    cache = model.llm.init_cache(b, layout.seq_len)
+    out = model.forward(prompt["input_ids"], prompt["image"], prompt["state"], prompt["attention_mask"],
+                        prompt["positions"], cache=cache)
+  else:
+    check_prefix_cache(layout, prefix_cache, b)
+    s = layout.text_len
+    out = model.forward(prompt["input_ids"][:, s:], prompt["image"], prompt["state"],
+                        prompt["attention_mask"][:, s:], prompt["positions"][:, s:], cache=prefix_cache,
+                        offset=s)
   cache = out.cache
   h = out.hidden_states[:, -1:]
   value = (model.value(h[:, 0]) if model.vlm.value_head is not None else jnp.zeros((b,), jnp.float32))

@@ -1,12 +1,17 @@
 """Jitted multi-step rollouts of the VLM policy for PPO, built on `gea_jax.eval.make_policy_step`.
 
-`make_collector(ctx, e, env, T)` returns ``collect(model, start, key, mask_table) -> (Trajectory, bootstrap
-value)``: a `lax.scan` over ``T`` env steps of N environments of one embodiment. Each step builds the prompt
-on device, samples the action's tokens one by one with the KV cache (`decode_action_tokens`), steps the env,
-and auto-resets finished episodes. Instructions are host-side text, so resets draw from a *reset pool*:
-``P`` reset states sampled and tokenized on the host before the call (`make_reset_pool`); env ``i`` takes
-the next pool entry when its episode ends. The trajectory stores what the update needs to rebuild the full
-teacher-forced sequence (prompt + the sampled action ids) with `prompt.assemble`.
+`make_collector(ctx, e, env, T)` returns ``collect(model, pool, num_envs, key, mask_table) -> (Trajectory,
+bootstrap value)``: a `lax.scan` over ``T`` env steps of N environments of one embodiment. Each step builds
+the prompt on device, samples the action's tokens one by one with the KV cache (`decode_action_tokens`),
+steps the env, and auto-resets finished episodes. Instructions are host-side text, so resets draw from a
+*reset pool*: ``P`` reset states sampled and tokenized on the host before the call (`make_reset_pool`); env
+``i`` takes the next pool entry when its episode ends. The trajectory stores what the update needs to
+rebuild the full teacher-forced sequence (prompt + the sampled action ids) with `prompt.assemble`.
+
+By default the KV cache of the prompt's text part (`text_prefix_cache`) is carried in the scan: it is
+computed for all envs before the scan and recomputed (for all rows, then kept only for the reset rows)
+on the steps where some env was reset, so most steps run only the frame part of the prompt plus the
+action tokens. ``prefix_cache=False`` runs the whole prompt every step (the per-step cache).
 
 `decode_without_cache` is the reference decoder (recompute the whole context for every action token),
 used by the KV-cache tests and the rollout benchmark.
@@ -21,9 +26,10 @@ import jax.numpy as jnp
 from flax import struct
 
 from gea_jax.agent.context import AgentContext
-from gea_jax.agent.policy import Decoded, sample_token
+from gea_jax.agent.policy import Decoded, sample_token, text_prefix_cache
 from gea_jax.agent.prompt import PromptLayout, assemble
 from gea_jax.eval import init_buffers, instructions_of, make_policy_step, text_prompts
+from gea_jax.models.kv_cache import KVCache
 
 
 @struct.dataclass
@@ -77,16 +83,27 @@ def _where_rows(done, new, old):
   return jax.tree.map(one, new, old)
 
 
+def _select_cache_rows(rows, new: KVCache, old: KVCache) -> KVCache:
+  """Per-row choice between two KV caches with the same slots filled (``index`` is shared by all rows)."""
+  pick = functools.partial(_where_rows, rows)
+  return old.replace(keys=pick(new.keys, old.keys), values=pick(new.values, old.values),
+                     valid=pick(new.valid, old.valid), next_position=pick(new.next_position, old.next_position))
+
+
 def make_collector(ctx: AgentContext, e: int, env, num_steps: int, *, greedy: bool = False,
-                   temperature: float = 1.0, decode_fn=None):
-  """``collect(model, pool, num_envs, key, mask_table) -> (Trajectory, bootstrap_value [N], stats)``.
+                   temperature: float = 1.0, decode_fn=None, prefix_cache: bool | None = None):
+  """``collect(model, pool, num_envs, key, mask_table) -> (Trajectory, bootstrap_value [N])``.
 
   Envs start from ``pool[:N]``; the k-th episode end (over all envs, in row order per step) takes
   ``pool[N + k mod (P - N)]``. Not jitted here: wrap it (the trainer jits it over split model state).
   ``decode_fn`` replaces the KV-cached decoder (e.g. `decode_without_cache`, for the benchmark).
+  ``prefix_cache``: carry the text's KV cache across steps (see the module docstring); default True with
+  the built-in decoder, False with a ``decode_fn`` (which must then accept ``prefix_cache=`` if set True).
   """
   policy = make_policy_step(ctx, e, greedy=greedy, temperature=temperature, decode_fn=decode_fn)
   spec = ctx.specs[e]
+  L = ctx.layout
+  use_prefix = decode_fn is None if prefix_cache is None else bool(prefix_cache)
 
   def collect(model, pool: ResetPool, num_envs: int, key, mask_table):
     n = num_envs
@@ -94,14 +111,16 @@ def make_collector(ctx: AgentContext, e: int, env, num_steps: int, *, greedy: bo
     if p <= n:
       raise ValueError(f"reset pool of {p} states must be larger than num_envs={n}")
     first = jnp.arange(n)
+    # the text's KV cache (None without the prefix path: an empty pytree in the carry)
+    prefix0 = text_prefix_cache(model, L, pool.text_ids[:n], pool.text_mask[:n]) if use_prefix else None
     carry0 = (_take(pool.states, first), init_buffers(ctx, n), pool.text_ids[:n], pool.text_mask[:n],
-              jnp.zeros((), jnp.int32))
+              jnp.zeros((), jnp.int32), prefix0)
     fresh = init_buffers(ctx, n)
 
     def step(carry, k):
-      env_state, buffers, text_ids, text_mask, used = carry
+      env_state, buffers, text_ids, text_mask, used, prefix = carry
       action, tokens, logp, value, new_buffers = policy(model, buffers, env_state.obs, text_ids, text_mask, k,
-                                                        mask_table)
+                                                        mask_table, prefix)
       nxt = jax.vmap(env.step)(env_state, action)
       done = nxt.done
       out = Trajectory(images=new_buffers.images, states=new_buffers.states, frame_valid=new_buffers.frame_valid,
@@ -115,12 +134,17 @@ def make_collector(ctx: AgentContext, e: int, env, num_steps: int, *, greedy: bo
       text_ids = jnp.where(done[:, None], pool.text_ids[idx], text_ids)
       text_mask = jnp.where(done[:, None], pool.text_mask[idx], text_mask)
       new_buffers = _where_rows(done, fresh, new_buffers)
-      return (env_state, new_buffers, text_ids, text_mask, used + done.sum()), out
+      if use_prefix:  # reset rows have a new text: recompute its cache only on steps where some env reset
+        prefix = jax.lax.cond(
+            jnp.any(done),
+            lambda: _select_cache_rows(done, text_prefix_cache(model, L, text_ids, text_mask), prefix),
+            lambda: prefix)
+      return (env_state, new_buffers, text_ids, text_mask, used + done.sum(), prefix), out
 
     k_steps, k_boot = jax.random.split(key)
     carry, traj = jax.lax.scan(step, carry0, jax.random.split(k_steps, num_steps))
-    env_state, buffers, text_ids, text_mask, _ = carry
-    _, _, _, boot, _ = policy(model, buffers, env_state.obs, text_ids, text_mask, k_boot, mask_table)
+    env_state, buffers, text_ids, text_mask, _, prefix = carry
+    _, _, _, boot, _ = policy(model, buffers, env_state.obs, text_ids, text_mask, k_boot, mask_table, prefix)
     return traj, boot
 
   collect.spec = spec
