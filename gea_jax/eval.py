@@ -183,18 +183,40 @@ def _random_actions(spec, key, n):
   return jax.random.randint(key, (n,), 0, a.num_actions)
 
 
+DECODING = ("greedy", "sampled", "greedy_continuous")
+
+
+def is_greedy(decoding: str | bool, spec) -> bool:
+  """Whether an embodiment is decoded greedily under ``decoding``.
+
+  "greedy_continuous": greedy for continuous actions, sampled (temperature 1) for discrete ones. A greedy
+  policy in a deterministic grid repeats the same action in a state that action does not change (e.g.
+  walking into a wall) until the episode times out; sampling leaves such loops. Booleans mean greedy /
+  sampled for every embodiment.
+  """
+  if isinstance(decoding, bool):
+    return decoding
+  if decoding not in DECODING:
+    raise ValueError(f"eval decoding: expected one of {DECODING} (or a bool), got {decoding!r}")
+  if decoding == "greedy_continuous":
+    return bool(spec.action_space.is_continuous)
+  return decoding == "greedy"
+
+
 def evaluate(model, ctx: AgentContext, embodiments: Sequence[str], *, num_episodes: int, splits: Sequence[str],
-             seed: int = 0, greedy: bool = True, perturb: tuple[int, int] | None = None) -> list[dict[str, Any]]:
+             seed: int = 0, greedy: bool | str = True, perturb: tuple[int, int] | None = None) -> list[dict[str, Any]]:
   """Rows {embodiment, split, success_rate, mean_return, ...} for every embodiment x applicable split.
 
-  ``perturb``: as in ``evaluate_embodiment`` (random actions for a few steps mid-episode).
+  ``greedy``: a bool, or one of ``DECODING`` (see ``is_greedy``). ``perturb``: as in ``evaluate_embodiment``
+  (random actions for a few steps mid-episode).
   """
   rows = []
   for name in embodiments:
+    g = is_greedy(greedy, ctx.specs[ctx.index(name)])
     for split in splits:
       if split == "heldout_combo" and not name.startswith("grid"):
         continue
-      r = evaluate_embodiment(model, ctx, name, num_episodes=num_episodes, split=split, seed=seed, greedy=greedy,
-                               perturb=perturb)
-      rows.append({"embodiment": name, "split": split, **r})
+      r = evaluate_embodiment(model, ctx, name, num_episodes=num_episodes, split=split, seed=seed, greedy=g,
+                              perturb=perturb)
+      rows.append({"embodiment": name, "split": split, "decoding": "greedy" if g else "sampled", **r})
   return rows

@@ -34,6 +34,9 @@ def validate(config) -> None:
   cv.positive(config, "rvq.batch_size")
   cv.one_of(config, "rvq.vocab_mode", ("extend", "reuse_tail"))
   cv.positive(config, "eval.episodes")
+  if config.eval.get("decoding", None):
+    from gea_jax.eval import DECODING
+    cv.one_of(config, "eval.decoding", DECODING)
   cv.positive(config, "ppo.iterations", allow_zero=True)
   for s in config.eval.splits:
     cv.require(s in ("train", "heldout_seed", "heldout_combo"), "eval.splits",
@@ -50,17 +53,19 @@ def embodiment_names(config) -> list[str]:
 
 
 def episodes_per_embodiment(config) -> dict[str, int]:
-  """Train episodes of each embodiment: ``data.episodes``, overridden by ``data.episodes_by_embodiment``
-  ("grid_goto=1000,reacher=200")."""
+  """Train episodes of each embodiment of ``data.embodiments``: ``data.episodes``, overridden by
+  ``data.episodes_by_embodiment`` ("grid_goto=1000,reacher=200"; names must be registered embodiments)."""
   counts = {name: int(config.data.episodes) for name in embodiment_names(config)}
   spec = str(config.data.get("episodes_by_embodiment", "") or "")
   for item in (x.strip() for x in spec.split(",") if x.strip()):
     name, sep, n = item.partition("=")
     cv.require(sep == "=" and n.strip().isdigit() and int(n) > 0, "data.episodes_by_embodiment",
                "expected 'name=positive int' entries separated by commas", item)
-    cv.require(name.strip() in counts, "data.episodes_by_embodiment",
-               f"names an embodiment not in data.embodiments ({', '.join(counts)})", name.strip())
-    counts[name.strip()] = int(n)
+    from gea_jax.envs import registry
+    cv.require(name.strip() in registry.names(), "data.episodes_by_embodiment",
+               f"unknown embodiment (known: {', '.join(registry.names())})", name.strip())
+    if name.strip() in counts:  # entries for embodiments this run does not use are ignored
+      counts[name.strip()] = int(n)
   return counts
 
 
@@ -114,11 +119,18 @@ def expert_success(data_dir: str, name: str, split: str) -> float | None:
   return rate.get(split) if isinstance(rate, dict) else rate
 
 
+def eval_decoding(config) -> str | bool:
+  """``eval.decoding`` (one of gea_jax.eval.DECODING); older configs with ``eval.greedy`` (bool) still work."""
+  if config.eval.get("decoding", None):
+    return str(config.eval.decoding)
+  return bool(config.eval.get("greedy", True))
+
+
 def evaluate_rows(config, model, ctx, names, data_dir: str, stage: str, perturb=None) -> list[dict]:
   """Held-out closed-loop success per embodiment and split, beside the expert's on the same split."""
   from gea_jax.eval import evaluate
   rows = evaluate(model, ctx, names, num_episodes=int(config.eval.episodes), splits=tuple(config.eval.splits),
-                  seed=int(config.seed) + 1000, greedy=bool(config.eval.greedy), perturb=perturb)
+                  seed=int(config.seed) + 1000, greedy=eval_decoding(config), perturb=perturb)
   for r in rows:
     ex = expert_success(data_dir, r["embodiment"], r["split"])
     r.update(stage=stage, expert_success_rate=ex, fraction_of_expert=(r["success_rate"] / ex) if ex else None)
