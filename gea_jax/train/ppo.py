@@ -178,7 +178,8 @@ class VlmPPO:
     for e, traj, boot in zip(self.ids, trajs, boots):
       adv, target = compute_gae(traj.reward * float(p.reward_scaling), traj.value, boot, traj.termination,
                                 traj.truncation, float(p.discount), float(p.gae_lambda))
-      flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), traj)
+      # explicit leading size: -1 cannot be inferred for empty leaves (e.g. no history frames, k=1)
+      flat = jax.tree.map(lambda x: x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:]), traj)
       b = flat.logp.shape[0]
       tok_valid = jnp.broadcast_to(jnp.arange(L.action_tokens) < self.ctx.vocab.tokens_per_action(e),
                                    (b, L.action_tokens))
