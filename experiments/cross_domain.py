@@ -6,7 +6,8 @@ The same budget of SFT steps per domain: the cross-domain model trains ``steps_p
 steps on the mixture (so each domain gets the same number of samples in expectation), each per-domain
 model ``steps_per_domain`` steps on its own data. Same datasets, same RVQ tokenizer, same architecture,
 same seed. Success is measured closed-loop on held-out seeds (and held-out colour-object combinations
-for the grid). Prints a markdown table and, as the last line, a JSON object with
+for the grid), decoded as the config's ``eval.decoding`` says (re-running resumes finished runs and only
+re-evaluates). Prints a markdown table and, as the last line, a JSON object with
 ``cross_minus_per_domain`` (mean success difference, percentage points).
 """
 
@@ -48,7 +49,7 @@ def main(argv):
     t0 = time.time()
     res = sft.train(c, os.path.join(workdir, tag), artifact_dir=artifact, data_dir=data_dir, embodiments=domains)
     rows = evaluate(res.model, res.ctx, domains, num_episodes=int(c.eval.episodes), splits=tuple(c.eval.splits),
-                    seed=int(c.seed) + 1000)
+                    seed=int(c.seed) + 1000, greedy=pipeline.eval_decoding(c))
     print(f"{tag}: {steps} steps in {time.time() - t0:.0f}s", file=sys.stderr)
     return {(r["embodiment"], r["split"]): r["success_rate"] for r in rows}
 

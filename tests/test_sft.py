@@ -79,6 +79,7 @@ def tiny_config():
   c = agent_config()
   c.data.embodiments = ",".join(EMBODIMENTS)
   c.data.image_size = 16
+  c.data.history = 3  # GEA's window (the embedded default uses 1): history frames are exercised
   c.model.text_len = 24
   c.model.llm.hidden_size = 32
   c.model.llm.intermediate_size = 64

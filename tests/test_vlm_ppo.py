@@ -26,10 +26,13 @@ from gea_jax.train import ppo
 assets = test_sft.assets  # the module-scoped fixture: synthetic datasets + untrained RVQ artifact
 
 
-def _config(mode="lora"):
+def _config(mode="lora", history=None):
   c = tiny_config()
+  if history is not None:
+    c.data.history = history
   c.model.train_mode = mode
   c.ppo = ppo.ppo_defaults()
+  c.ppo.train_mode = ""  # follow model.train_mode (the default trains LoRA, GEA's choice)
   c.ppo.embodiments = "grid_goto"
   c.ppo.num_envs = 2
   c.ppo.unroll_length = 4
@@ -43,8 +46,8 @@ def _config(mode="lora"):
   return c
 
 
-def _setup(assets, mode="lora"):
-  config = _config(mode)
+def _setup(assets, mode="lora", history=None):
+  config = _config(mode, history)
   ctx = load_context(config, assets["artifact"], assets["data_dir"], EMBODIMENTS)
   model = build_agent(config.model, ctx.layout, ctx.max_state_dim, ctx.vocab.total_vocab_size, seed=1)
   return config, ctx, model
@@ -229,11 +232,14 @@ def test_frozen_llm_mode_changes_only_the_adapters(assets):
 
 
 def test_lora_ppo_on_grid_goto_changes_only_lora_and_resumes_exactly(assets, tmp_path):
-  """GEA default: a full-SFT agent gets LoRA adapters for PPO; base LLM weights stay bitwise unchanged."""
-  config, ctx, model = _setup(assets, "full")
+  """GEA default: a full-SFT agent gets LoRA adapters for PPO; base LLM weights stay bitwise unchanged.
+
+  Runs the embedded default's layout (k=1: no history frames, so some trajectory leaves are empty)."""
+  config, ctx, model = _setup(assets, "full", history=1)
+  assert ctx.layout.history == 0
   config.ppo.train_mode = "lora"
   res = ppo.train(config, str(tmp_path / "full"), model, ctx, ["grid_goto"])
-  before = _flat(_setup(assets, "full")[2])
+  before = _flat(_setup(assets, "full", history=1)[2])
   after = _flat(res.model)
   changed = {k for k in after if k not in before or not np.array_equal(before[k], after[k])}
   assert any("lora_b" in k for k in changed) and any("value_head" in k for k in changed)
@@ -249,7 +255,7 @@ def test_lora_ppo_on_grid_goto_changes_only_lora_and_resumes_exactly(assets, tmp
   part = tmp_path / "part"
   shutil.copytree(tmp_path / "full", part)
   shutil.rmtree(part / "ppo" / "checkpoints" / "2")
-  _, _, model2 = _setup(assets, "full")
+  _, _, model2 = _setup(assets, "full", history=1)
   res2 = ppo.train(config, str(part), model2, ctx, ["grid_goto"])
   assert res2.iterations == 2
   a, b = _flat(res.model), _flat(res2.model)

@@ -65,11 +65,11 @@ def ppo_defaults() -> ml_collections.ConfigDict:
   c.value_clip_eps = 0.2        # 0 = unclipped value loss
   c.vf_coef = 0.5
   c.entropy_coef = 0.01
-  c.kl_coef = 0.0               # > 0: penalty KL(pi || frozen SFT policy) on the sampled actions
+  c.kl_coef = 0.05              # > 0: penalty KL(pi || frozen SFT policy) on the sampled actions
   c.reward_scaling = 1.0
   c.normalize_advantage = True
   c.temperature = 1.0
-  c.train_mode = ""             # "" = model.train_mode; "lora" | "frozen" | "full"
+  c.train_mode = "lora"         # GEA: LoRA + value head; "" = model.train_mode; "lora" | "frozen" | "full"
   c.log_every = 1
   c.checkpoint_every = 2
   c.keep_checkpoints = 2

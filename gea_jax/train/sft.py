@@ -227,6 +227,7 @@ def train(config, workdir: str, *, artifact_dir: str, data_dir: str, embodiments
                       save_every=int(s.checkpoint_every), config=config)
   ckpt.save_assets("tokenizer", artifact_dir)
   start = 0
+  resumed_metrics: dict[str, float] = {}
   restored = ckpt.restore_latest(abstract_like(nnx.state(model, wrt)), abstract_like(nnx.state(optimizer)))
   if restored is not None:
     nnx.update(model, restored.params)
@@ -234,13 +235,14 @@ def train(config, workdir: str, *, artifact_dir: str, data_dir: str, embodiments
     if restored.data_state is not None:
       iterator.set_state(restored.data_state)
     start = restored.step
+    resumed_metrics = {k: float(v) for k, v in (restored.extra or {}).items() if isinstance(v, (int, float))}
     logging.info("SFT: resumed from step %d (%s)", start, restored.path)
 
   train_step = TrainStep(ctx, model, optimizer, wrt, mesh)
   writer = MetricWriter(os.path.join(workdir, "sft"), resume_step=start if start else None)
   preempt = install_sigterm_handler()
   total = int(s.steps)
-  metrics: dict[str, float] = {}
+  metrics: dict[str, float] = dict(resumed_metrics)  # a finished run resumed: the last checkpoint's metrics
   t0 = time.time()
   samples = 0
   with sharding.use_mesh(mesh, rules), Progress(total, "sft", initial=start) as bar:
