@@ -53,8 +53,8 @@ def save_policy(path: str | Path, model: ActorCritic, obs_stats: norm.RunningSta
   return path
 
 
-def export_policy(workdir: str, path: str | Path, *, step: int | None = None) -> Path:
-  """The latest (or ``step``) ``ppo_mlp`` checkpoint in ``workdir`` -> a policy file at ``path``."""
+def restore_checkpoint(workdir: str, *, step: int | None = None):
+  """(ActorCritic, obs RunningStats, trainer config dict, step) of a ``ppo_mlp`` checkpoint in ``workdir``."""
   import ml_collections
 
   from gea_jax import checkpoint as ckpt_lib
@@ -63,7 +63,7 @@ def export_policy(workdir: str, path: str | Path, *, step: int | None = None) ->
   reader = ckpt_lib.Checkpointer(workdir, read_only=True)
   steps = reader.all_steps(reload=True)
   if not steps:
-    raise ckpt_lib.CheckpointError(f"{Path(workdir) / 'checkpoints'}: no PPO checkpoint to export")
+    raise ckpt_lib.CheckpointError(f"{Path(workdir) / 'checkpoints'}: no PPO expert checkpoint")
   step = steps[-1] if step is None else step
   meta = ckpt_lib.load_step_meta(reader.step_dir(step))
   cfg = meta.get("config") or {}
@@ -72,21 +72,32 @@ def export_policy(workdir: str, path: str | Path, *, step: int | None = None) ->
   network = ml_collections.ConfigDict(cfg["network"])
   env = ppo_mlp.make_env(cfg["env"]["name"], cfg["env"]["backend"])
   obs_dim, act_dim = int(env.observation_size), int(env.action_size)
-  model = nnx.eval_shape(lambda: ppo_mlp._model_factory(obs_dim, act_dim, network)(nnx.Rngs(0)))  # noqa: SLF001
+  model = nnx.eval_shape(lambda: ppo_mlp.make_actor_critic(obs_dim, act_dim, network, nnx.Rngs(0)))
   graphdef, abstract = nnx.split(model, nnx.Param)
   target = {"model": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract),
             "obs_stats": jax.eval_shape(lambda: norm.init_stats(obs_dim))}
   restored = reader.restore(step, target)
   reader.close()
-  model = nnx.merge(graphdef, restored.params["model"])
-  extra = {"source_step": int(step), "trained_with": {"config": cfg}}
+  return nnx.merge(graphdef, restored.params["model"]), restored.params["obs_stats"], cfg, int(step)
+
+
+def export_policy(workdir: str, path: str | Path, *, step: int | None = None) -> Path:
+  """The latest (or ``step``) ``ppo_mlp`` checkpoint in ``workdir`` -> a policy file at ``path``."""
+  model, stats, cfg, step = restore_checkpoint(workdir, step=step)
+  extra = {"source_step": step, "trained_with": {"config": cfg}}
   report = Path(workdir) / "report.json"
   if report.is_file():  # the trainer's summary (env steps, returns, wall time) documents the expert
     extra["trained_with"]["summary"] = json.loads(report.read_text()).get("summary", {})
-  return save_policy(path, model, restored.params["obs_stats"], env_name=cfg["env"]["name"], obs_dim=obs_dim,
-                     action_dim=act_dim, policy_hidden=network.policy_hidden, value_hidden=network.value_hidden,
-                     activation=network.activation,
+  net = cfg["network"]
+  return save_policy(path, model, stats, env_name=cfg["env"]["name"], obs_dim=model.policy.layers[0].in_features,
+                     action_dim=_action_dim(model),
+                     policy_hidden=net["policy_hidden"], value_hidden=net["value_hidden"], activation=net["activation"],
                      normalize_observations=bool(cfg["ppo"]["normalize_observations"]), extra=extra)
+
+
+def _action_dim(model: ActorCritic) -> int:
+  out = model.policy.layers[-1].out_features
+  return out // 2 if model.action_head == "tanh_normal" else out
 
 
 def read_policy_meta(path: str | Path) -> dict:

@@ -100,11 +100,14 @@ def _mesh_devices(config) -> list:
   return devices[:max(1, math.prod(shape))]
 
 
+def make_actor_critic(obs_dim: int, action_dim: int, network, rngs: nnx.Rngs) -> ActorCritic:
+  """The expert network described by a config's ``network`` section."""
+  return ActorCritic(obs_dim, action_dim, action_head="tanh_normal", policy_hidden=tuple(network.policy_hidden),
+                     value_hidden=tuple(network.value_hidden), activation=network.activation, rngs=rngs)
+
+
 def _model_factory(obs_dim: int, action_dim: int, network) -> Callable[[nnx.Rngs], nnx.Module]:
-  def make(rngs: nnx.Rngs) -> nnx.Module:
-    return ActorCritic(obs_dim, action_dim, action_head="tanh_normal", policy_hidden=tuple(network.policy_hidden),
-                       value_hidden=tuple(network.value_hidden), activation=network.activation, rngs=rngs)
-  return make
+  return lambda rngs: make_actor_critic(obs_dim, action_dim, network, rngs)
 
 
 def build(config, mesh=None) -> PPO:
@@ -237,27 +240,12 @@ def load_policy(workdir: str, *, deterministic: bool = True, step: int | None = 
   ``obs`` is the Brax env's ``State.obs`` (shape ``[obs_dim]`` or ``[B, obs_dim]``), the action is in
   ``[-1, 1]``. ``deterministic`` uses the mean action (tanh of the Gaussian mean); otherwise it samples.
   """
-  reader = ckpt_lib.Checkpointer(workdir, read_only=True)
-  steps = reader.all_steps(reload=True)
-  if not steps:
-    raise ckpt_lib.CheckpointError(f"{Path(workdir) / 'checkpoints'}: no PPO expert checkpoint")
-  step = steps[-1] if step is None else step
-  meta = ckpt_lib.load_step_meta(reader.step_dir(step))
-  cfg = meta.get("config") or {}
-  if cfg.get("trainer") != "ppo_mlp":
-    raise ckpt_lib.CheckpointError(f"{reader.step_dir(step)}: not a ppo_mlp checkpoint (trainer="
-                                   f"{cfg.get('trainer')!r})")
-  network = ml_collections.ConfigDict(cfg["network"])
-  env = make_env(cfg["env"]["name"], cfg["env"]["backend"])
-  obs_dim, act_dim = int(env.observation_size), int(env.action_size)
-  factory = _model_factory(obs_dim, act_dim, network)
-  graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: factory(nnx.Rngs(0))), nnx.Param)
-  target = {"model": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_params),
-            "obs_stats": jax.eval_shape(lambda: norm.init_stats(obs_dim))}
-  restored = reader.restore(step, target)
-  params, stats = restored.params["model"], restored.params["obs_stats"]
+  from gea_jax.rl.policy_export import restore_checkpoint
+  model, stats, cfg, _ = restore_checkpoint(workdir, step=step)
+  graphdef, params = nnx.split(model, nnx.Param)
+  obs_dim = int(model.policy.layers[0].in_features)
+  act_dim = int(model.policy.layers[-1].out_features) // 2
   normalize_obs = bool(cfg["ppo"]["normalize_observations"])
-  reader.close()
 
   @jax.jit
   def act(obs, key):
