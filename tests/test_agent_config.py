@@ -1,0 +1,42 @@
+"""The embedded default's config knobs added for the agent: per-embodiment dataset sizes and eval decoding."""
+
+import pytest
+
+from gea_jax.agent.config import agent_config
+from gea_jax.config_validation import ConfigError
+from gea_jax.envs import make
+from gea_jax.eval import is_greedy
+from gea_jax.train import pipeline
+
+
+def test_episodes_by_embodiment_overrides_and_errors():
+  c = agent_config()
+  c.data.embodiments = "reacher,grid_goto"
+  c.data.episodes, c.data.episodes_by_embodiment = 50, "grid_goto=700"
+  assert pipeline.episodes_per_embodiment(c) == {"reacher": 50, "grid_goto": 700}
+  c.data.embodiments = "reacher"  # an entry for an embodiment the run does not use is ignored
+  assert pipeline.episodes_per_embodiment(c) == {"reacher": 50}
+  for bad, match in (("grid=5", "unknown embodiment"), ("grid_goto=0", "positive int"),
+                     ("grid_goto:5", "name=positive int")):
+    c.data.episodes_by_embodiment = bad
+    with pytest.raises(ConfigError, match="data.episodes_by_embodiment"):
+      pipeline.episodes_per_embodiment(c)
+    with pytest.raises(ConfigError, match=match):
+      pipeline.validate(c)
+
+
+def test_eval_decoding_greedy_for_continuous_sampled_for_discrete():
+  reacher, grid = make("reacher").spec, make("grid_goto").spec
+  assert is_greedy("greedy_continuous", reacher) and not is_greedy("greedy_continuous", grid)
+  assert is_greedy("greedy", grid) and not is_greedy("sampled", reacher)
+  assert is_greedy(True, grid) and not is_greedy(False, reacher)
+  with pytest.raises(ValueError, match="eval decoding"):
+    is_greedy("argmax", reacher)
+  c = agent_config()
+  assert pipeline.eval_decoding(c) == "greedy_continuous"
+  c.eval.decoding = "argmax"
+  with pytest.raises(ConfigError, match="eval.decoding"):
+    pipeline.validate(c)
+  del c.eval["decoding"]
+  c.eval.greedy = False  # configs written before eval.decoding
+  assert pipeline.eval_decoding(c) is False
