@@ -131,6 +131,9 @@ def load_exported_policy(path: str | Path, *, deterministic: bool = True) -> Cal
       if value.shape != leaf.shape:
         raise ValueError(f"{path}: array {name!r} has shape {value.shape}, expected {leaf.shape}")
       leaf.set_value(jnp.asarray(value)) if hasattr(leaf, "set_value") else setattr(leaf, "value", jnp.asarray(value))
+    missing = [f"obs_stats/{k}" for k in _STATS_KEYS if f"obs_stats/{k}" not in f.files]
+    if missing:
+      raise ValueError(f"{path}: missing observation statistics {missing}")
     stats = norm.RunningStats(**{k: jnp.asarray(f[f"obs_stats/{k}"]) for k in _STATS_KEYS})
   params = nnx.from_flat_state(flat)
   normalize_obs = bool(meta["normalize_observations"])
