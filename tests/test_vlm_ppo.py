@@ -43,6 +43,7 @@ def _config(mode="lora", history=None):
   c.ppo.checkpoint_every = 1
   c.ppo.lr = 1e-2
   c.ppo.kl_coef = 0.1
+  c.ppo.value_warmup_iterations = 0
   return c
 
 
@@ -231,13 +232,36 @@ def test_frozen_llm_mode_changes_only_the_adapters(assets):
   assert not any("llm" in k for k in trainable)
 
 
-def test_lora_ppo_on_grid_goto_changes_only_lora_and_resumes_exactly(assets, tmp_path):
+def test_value_warmup_iterations_train_only_the_value_head(assets):
+  """During ``ppo.value_warmup_iterations`` the policy is untouched; afterwards the LoRA adapters train too."""
+  config, ctx, model = _setup(assets, "full", history=1)
+  config.ppo.train_mode = "lora"
+  config.ppo.value_warmup_iterations = 1
+  wrt, _ = ppo.prepare_model(model, config)
+  learner = ppo.VlmPPO(config.ppo, ctx, model, wrt, ["grid_goto"], seed=0)
+  before = _flat(model)
+  assert np.isfinite(learner.iteration(0)["loss"])
+  warm = _flat(learner.sync())
+  changed = {k for k in before if not np.array_equal(before[k], warm[k])}
+  assert changed and all("value_head" in k for k in changed), sorted(changed)
+  learner.iteration(1)
+  after = _flat(learner.sync())
+  changed = {k for k in warm if not np.array_equal(warm[k], after[k])}
+  assert any("lora_b" in k for k in changed) and any("value_head" in k for k in changed)
+
+
+@pytest.mark.parametrize("sft_coef", [0.0, 0.5])
+def test_lora_ppo_on_grid_goto_changes_only_lora_and_resumes_exactly(assets, tmp_path, sft_coef):
   """GEA default: a full-SFT agent gets LoRA adapters for PPO; base LLM weights stay bitwise unchanged.
 
-  Runs the embedded default's layout (k=1: no history frames, so some trajectory leaves are empty)."""
+  Runs the embedded default's layout (k=1: no history frames, so some trajectory leaves are empty); with
+  sft_coef > 0 (joint SFT + RL) the expert-data iterator is part of the checkpoint, so resume stays exact."""
   config, ctx, model = _setup(assets, "full", history=1)
   assert ctx.layout.history == 0
   config.ppo.train_mode = "lora"
+  config.ppo.sft_coef = sft_coef
+  config.ppo.sft_batch_size = 4
+  config.data.data_dir = assets["data_dir"]
   res = ppo.train(config, str(tmp_path / "full"), model, ctx, ["grid_goto"])
   before = _flat(_setup(assets, "full", history=1)[2])
   after = _flat(res.model)
@@ -246,8 +270,9 @@ def test_lora_ppo_on_grid_goto_changes_only_lora_and_resumes_exactly(assets, tmp
   base_llm = [k for k in before if "llm" in k and "embed_tokens" not in k]
   assert base_llm and not changed & set(base_llm)
   assert res.iterations == 2
-  for k in ("loss", "policy_loss", "value_loss", "entropy", "kl_to_sft", "approx_kl"):
+  for k in ("loss", "policy_loss", "value_loss", "entropy", "kl_to_sft", "approx_kl") + (("sft_loss",) if sft_coef else ()):
     assert np.isfinite(res.final_metrics[k]), k
+  assert ("sft_loss" in res.final_metrics) == bool(sft_coef)
   assert res.final_metrics["entropy"] > 0
   assert res.final_metrics["grid_goto/episodes"] >= 0
   assert len(res.curves["ppo/loss"]) == 2
@@ -261,6 +286,14 @@ def test_lora_ppo_on_grid_goto_changes_only_lora_and_resumes_exactly(assets, tmp
   a, b = _flat(res.model), _flat(res2.model)
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_joint_sft_without_expert_data_is_a_clear_error(assets):
+  config, ctx, model = _setup(assets, "full", history=1)
+  config.ppo.sft_coef = 0.5
+  wrt, _ = ppo.prepare_model(model, config)
+  with pytest.raises(ValueError, match="sft_coef"):
+    ppo.VlmPPO(config.ppo, ctx, model, wrt, ["grid_goto"])
 
 
 def test_validate_names_the_bad_key():

@@ -33,10 +33,12 @@ def masked_logits(model, hidden: jax.Array, emb: jax.Array, mask_table: jax.Arra
   return jnp.where(valid, logits, _NEG)
 
 
-def action_scores(model, layout: PromptLayout, batch, mask_table):
+def action_scores(model, layout: PromptLayout, batch, mask_table, value_trunk_grad=None):
   """Teacher-forced pass over full sequences: per-token log-probs [b,T], entropy [b,T], value [b].
 
   batch holds input_ids/attention_mask/positions/targets/image/state/embodiment_id (action ids filled).
+  value_trunk_grad: None, or a scalar in [0, 1] scaling the value's gradient into the shared trunk (0: the
+  value loss trains the value head only, as in PPO's value warm-up).
   """
   slots = layout.slots()
   out = model.forward(batch["input_ids"], batch["image"], batch["state"], batch["attention_mask"],
@@ -51,7 +53,10 @@ def action_scores(model, layout: PromptLayout, batch, mask_table):
   entropy = -jnp.sum(jnp.where(logits > _NEG / 2, probs * logp_all, 0.0), axis=-1)
   value = None
   if model.vlm.value_head is not None:
-    value = model.value(out.hidden_states[:, layout.prompt_len - 1])
+    hv = out.hidden_states[:, layout.prompt_len - 1]
+    if value_trunk_grad is not None:
+      hv = value_trunk_grad * hv + (1.0 - value_trunk_grad) * jax.lax.stop_gradient(hv)
+    value = model.value(hv)
   return logp, entropy, value, logits
 
 

@@ -161,7 +161,7 @@ def run(config, workdir: str) -> dict:
   if int(config.ppo.iterations) > 0:
     logging.info("[5/5] online PPO from the SFT agent")
     from gea_jax.train import ppo as ppo_lib
-    ppo_res = ppo_lib.train(config, workdir, result.model, result.ctx, names)
+    ppo_res = ppo_lib.train(config, workdir, result.model, result.ctx, names, data_dir=data_dir)
     ppo_rows = evaluate_rows(config, ppo_res.model, result.ctx, names, data_dir, stage="sft+ppo")
     tables["closed-loop success (held-out), SFT + PPO"] = ppo_rows
     curves.update({k: v for k, v in ppo_res.curves.items() if k.endswith(("/loss", "success_rate", "reward_per_step"))})

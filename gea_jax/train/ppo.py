@@ -36,12 +36,13 @@ from flax import nnx
 from gea_jax import config_validation as cv
 from gea_jax.agent.context import AgentContext
 from gea_jax.agent.model import AgentModel, trainable_filter
-from gea_jax.agent.policy import action_scores
+from gea_jax.agent.policy import action_scores, sft_loss
 from gea_jax.agent.rollout import make_collector, make_reset_pool, sequences
+from gea_jax.agent.sequence import fill_action_ids
 from gea_jax.checkpoint import Checkpointer, abstract_like
 from gea_jax.reporting import MetricWriter, Progress
 from gea_jax.rl.gae import compute_gae
-from gea_jax.rl.losses import ppo_loss
+from gea_jax.rl.losses import normalize_advantages, ppo_loss
 from gea_jax.rl.ppo import sgd_epochs
 from gea_jax.train.loop_utils import check_finite, install_sigterm_handler
 
@@ -62,12 +63,19 @@ def ppo_defaults() -> ml_collections.ConfigDict:
   c.discount = 0.97
   c.gae_lambda = 0.95
   c.clip_eps = 0.2
-  c.value_clip_eps = 0.2        # 0 = unclipped value loss
+  # 0 = unclipped value loss: returns differ in scale across bodies (reacher about -3, grid 0..1) and the value
+  # head starts untrained, so a clip of 0.2 per iteration would hold the value back for many iterations
+  c.value_clip_eps = 0.0
   c.vf_coef = 0.5
   c.entropy_coef = 0.01
   c.kl_coef = 0.05              # > 0: penalty KL(pi || frozen SFT policy) on the sampled actions
   c.reward_scaling = 1.0
-  c.normalize_advantage = True
+  c.normalize_advantage = True  # per embodiment over its whole batch (reward scales differ across bodies)
+  # GEA's joint SFT + RL: > 0 adds sft_coef x the SFT cross-entropy on a batch of expert data to every update
+  # (keeps what SFT learned where PPO's batches are small or its reward says little)
+  c.sft_coef = 0.0
+  c.sft_batch_size = 16
+  c.value_warmup_iterations = 2 # first iterations train the value head alone (the policy is left unchanged)
   c.temperature = 1.0
   c.train_mode = "lora"         # GEA: LoRA + value head; "" = model.train_mode; "lora" | "frozen" | "full"
   c.log_every = 1
@@ -85,7 +93,10 @@ def validate(config) -> None:
   for k in ("iterations", "num_envs", "unroll_length", "reset_pool", "num_epochs", "num_minibatches", "lr",
             "log_every", "checkpoint_every", "keep_checkpoints", "temperature"):
     cv.positive(config, f"{p}.{k}")
-  for k in ("grad_clip", "value_clip_eps", "vf_coef", "entropy_coef", "kl_coef", "reward_scaling"):
+  if float(config.ppo.get("sft_coef", 0.0)) > 0:
+    cv.positive(config, f"{p}.sft_batch_size")
+  for k in ("grad_clip", "value_clip_eps", "vf_coef", "entropy_coef", "kl_coef", "reward_scaling",
+            "value_warmup_iterations", "sft_coef"):
     cv.positive(config, f"{p}.{k}", allow_zero=True)
   cv.in_range(config, f"{p}.discount", 0.0, 1.0)
   cv.in_range(config, f"{p}.gae_lambda", 0.0, 1.0)
@@ -131,13 +142,20 @@ def make_optimizer(p) -> optax.GradientTransformation:
 
 
 _COMPILED: dict[Any, Any] = {}
+SFT_KEYS = ("input_ids", "attention_mask", "positions", "targets", "loss_mask", "image", "state", "actions",
+            "embodiment_id")
 
 
 class VlmPPO:
   """Jitted collector (one per embodiment) and update over the split (trainable, frozen) model state."""
 
-  def __init__(self, p, ctx: AgentContext, model: AgentModel, wrt, embodiments: Sequence[str], seed: int = 0):
+  def __init__(self, p, ctx: AgentContext, model: AgentModel, wrt, embodiments: Sequence[str], seed: int = 0,
+               sft_iterator=None):
+    """sft_iterator: expert batches (``sft.make_iterator``) for the joint SFT loss; required when p.sft_coef > 0."""
+    if float(p.get("sft_coef", 0.0)) > 0 and sft_iterator is None:
+      raise ValueError("ppo.sft_coef > 0 needs expert data: pass sft_iterator (gea_jax.train.sft.make_iterator)")
     self.p, self.ctx, self.model, self.wrt = p, ctx, model, wrt
+    self.sft_iterator = sft_iterator
     self.names = list(embodiments)
     self.ids = [ctx.index(n) for n in self.names]
     from gea_jax.envs import registry
@@ -178,6 +196,8 @@ class VlmPPO:
     for e, traj, boot in zip(self.ids, trajs, boots):
       adv, target = compute_gae(traj.reward * float(p.reward_scaling), traj.value, boot, traj.termination,
                                 traj.truncation, float(p.discount), float(p.gae_lambda))
+      if bool(p.normalize_advantage):
+        adv = normalize_advantages(adv)
       # explicit leading size: -1 cannot be inferred for empty leaves (e.g. no history frames, k=1)
       flat = jax.tree.map(lambda x: x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:]), traj)
       b = flat.logp.shape[0]
@@ -190,9 +210,16 @@ class VlmPPO:
                        old_logp=flat.logp, old_value=flat.value, adv=adv.reshape(-1), target=target.reshape(-1)))
     return jax.tree.map(lambda *xs: jnp.concatenate(xs, 0), *rows)
 
-  def _update_fn(self, params, opt_state, rest, ref_params, trajs, boots, key, mask_table):
+  def _update_fn(self, params, opt_state, rest, ref_params, trajs, boots, key, mask_table, policy_weight,
+                 sft_batch=None):
+    """One PPO update; ``policy_weight`` (0 during the value warm-up, else 1) scales every term but the value loss.
+
+    sft_batch: None, or a batch of expert sequences whose SFT loss (x p.sft_coef) joins every minibatch's loss.
+    """
     p, L, graphdef = self.p, self.ctx.layout, self.graphdef
     data = self._batch(trajs, boots)
+    if sft_batch is not None:
+      sft_batch = fill_action_ids(self.ctx.vocab, L, sft_batch)
     kl_coef = float(p.kl_coef)
     if kl_coef > 0:
       ref_logp, _, _, _ = action_scores(nnx.merge(graphdef, ref_params, rest), L, data, mask_table)
@@ -200,18 +227,25 @@ class VlmPPO:
 
     def loss_fn(params, mb, _key):
       model = nnx.merge(graphdef, params, rest)
-      logp_tok, ent_tok, value, _ = action_scores(model, L, mb, mask_table)
+      logp_tok, ent_tok, value, _ = action_scores(model, L, mb, mask_table, value_trunk_grad=policy_weight)
       logp = jnp.sum(logp_tok * mb["token_valid"], 1)
       entropy = jnp.sum(ent_tok * mb["token_valid"], 1)
       vclip = float(p.value_clip_eps) or None
       total, m = ppo_loss(logp, mb["old_logp"], mb["adv"], value, mb["old_value"], mb["target"], entropy,
                           clip_eps=float(p.clip_eps), value_clip_eps=vclip, vf_coef=float(p.vf_coef),
-                          entropy_coef=float(p.entropy_coef), normalize_advantage=bool(p.normalize_advantage))
+                          entropy_coef=float(p.entropy_coef), normalize_advantage=False)
+      policy_terms = total - float(p.vf_coef) * m["value_loss"]
       if kl_coef > 0:
         d = mb["ref_logp"] - logp
         kl = jnp.mean(jnp.exp(d) - d - 1.0)  # k3 estimator of KL(pi || ref), >= 0
-        total = total + kl_coef * kl
-        m.update(loss=total, kl_to_sft=kl)
+        policy_terms = policy_terms + kl_coef * kl
+        m.update(kl_to_sft=kl)
+      if sft_batch is not None:
+        sl, _ = sft_loss(model, L, sft_batch, mask_table)
+        policy_terms = policy_terms + float(p.sft_coef) * sl
+        m.update(sft_loss=sl)
+      total = policy_weight * policy_terms + float(p.vf_coef) * m["value_loss"]
+      m.update(loss=total)
       return total, m
 
     params, opt_state, metrics = sgd_epochs(loss_fn, self.tx, params, opt_state, data, key,
@@ -235,11 +269,20 @@ class VlmPPO:
       stats[f"{name}/reward_per_step"] = float(jnp.mean(traj.reward))
       stats[f"{name}/episodes"] = ends
       stats[f"{name}/success_rate"] = float(jnp.sum(traj.success)) / ends if ends else float("nan")
+    policy_weight = jnp.float32(0.0 if it < int(p.get("value_warmup_iterations", 0)) else 1.0)
     self.params, self.opt_state, metrics = self._update(self.params, self.opt_state, self.rest, self.ref_params,
-                                                        trajs, boots, jax.random.fold_in(key, 99), self.mask_table)
+                                                        trajs, boots, jax.random.fold_in(key, 99), self.mask_table,
+                                                        policy_weight, self._sft_batch())
     out = {k: float(v) for k, v in jax.device_get(metrics).items()}
     out.update(stats)
     return out
+
+  def _sft_batch(self):
+    if self.sft_iterator is None:
+      return None
+    raw = next(self.sft_iterator)
+    return {k: jnp.asarray(np.asarray(raw[k]).astype(np.int32) if np.asarray(raw[k]).dtype == np.bool_ else raw[k])
+            for k in SFT_KEYS}
 
   def sync(self) -> AgentModel:
     nnx.update(self.model, self.params)
@@ -259,10 +302,11 @@ class PpoResult:
 
 
 def train(config, workdir: str, model: AgentModel, ctx: AgentContext, embodiments: Sequence[str] | None = None,
-          *, callback=None) -> PpoResult:
+          *, callback=None, data_dir: str | None = None) -> PpoResult:
   """Runs (or resumes) PPO of ``model`` in ``workdir/ppo``. ``model`` is updated in place and returned.
 
   ``callback(iteration, metrics)`` runs after each iteration (tests use it to inject failures).
+  ``data_dir``: the expert datasets for the joint SFT loss (``ppo.sft_coef > 0``; default data.data_dir).
   """
   if "ppo" not in config:
     config = ml_collections.ConfigDict(config.to_dict())
@@ -270,7 +314,15 @@ def train(config, workdir: str, model: AgentModel, ctx: AgentContext, embodiment
   p = config.ppo
   names = list(embodiments or embodiment_names(config))
   wrt, mode = prepare_model(model, config)
-  learner = VlmPPO(p, ctx, model, wrt, names, seed=int(config.seed))
+  sft_iterator = None
+  if float(p.get("sft_coef", 0.0)) > 0:
+    from gea_jax.train import sft as sft_lib
+    data_dir = data_dir or str(config.data.data_dir)
+    if not data_dir:
+      raise ValueError("ppo.sft_coef > 0 needs the expert datasets: pass data_dir or set data.data_dir")
+    sft_iterator = sft_lib.make_iterator(config, ctx, data_dir, names, batch_size=int(p.sft_batch_size),
+                                         seed=int(config.seed) + 1)
+  learner = VlmPPO(p, ctx, model, wrt, names, seed=int(config.seed), sft_iterator=sft_iterator)
   n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(learner.params))
   n_total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   logging.info("PPO: %d trainable of %d parameters (%s), embodiments %s", n_train, n_total, mode, names)
@@ -282,6 +334,8 @@ def train(config, workdir: str, model: AgentModel, ctx: AgentContext, embodiment
   if restored is not None:
     learner.params = restored.params
     learner.opt_state = restored.opt_state
+    if sft_iterator is not None and restored.data_state is not None:
+      sft_iterator.set_state(restored.data_state)
     start = restored.step
     logging.info("PPO: resumed from iteration %d (%s)", start, restored.path)
   writer = MetricWriter(os.path.join(workdir, "ppo"), resume_step=start if start else None)
@@ -303,6 +357,7 @@ def train(config, workdir: str, model: AgentModel, ctx: AgentContext, embodiment
         callback(it, metrics)
       if ckpt.should_save(it) or it == total or preempt.requested:
         ckpt.save(it, params=learner.params, opt_state=learner.opt_state, rng=learner.seed_key, force=True,
+                  data_state=sft_iterator.get_state() if sft_iterator is not None else None,
                   extra={k: v for k, v in metrics.items() if np.isfinite(v)})
       if preempt.requested:
         logging.warning("PPO: SIGTERM received; checkpoint saved at iteration %d, exiting", it)

@@ -170,15 +170,21 @@ def device_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
   return out
 
 
-def make_iterator(config, ctx: AgentContext, data_dir: str, embodiments):
-  """The grain iterator of this process's part of the SFT batches (tokenized by the agent's hook)."""
+def make_iterator(config, ctx: AgentContext, data_dir: str, embodiments, *, batch_size: int | None = None,
+                  seed: int | None = None):
+  """The grain iterator of this process's part of the SFT batches (tokenized by the agent's hook).
+
+  batch_size, seed: the global batch and the seed (default sft.batch_size and config.seed).
+  """
   from data_pipelines.pipeline import make_train_iterator
   s = config.sft
+  batch_size = int(s.batch_size if batch_size is None else batch_size)
   return make_train_iterator(data_dir, embodiments, _weights(config, embodiments),
-                             batch_size=int(s.batch_size) // jax.process_count(), seq_len=None,
+                             batch_size=batch_size // jax.process_count(), seq_len=None,
                              history=int(config.data.history), tokenize=sequence_builder(ctx, embodiments),
-                             seed=int(config.seed), split="train", num_workers=int(s.num_workers),
-                             image_size=ctx.image_size, normalization=ctx.normalization)
+                             seed=int(config.seed if seed is None else seed), split="train",
+                             num_workers=int(s.num_workers), image_size=ctx.image_size,
+                             normalization=ctx.normalization)
 
 
 @dataclasses.dataclass
