@@ -1,6 +1,6 @@
 """RVQ levels x codebook size on the experts' actions, against uniform binning; expert success through the tokenizer.
 
-    .venv/bin/python experiments/rvq_levels.py [--steps=1000] [--episodes=96] [--success_episodes=64]
+    .venv/bin/python experiments/rvq_levels.py [--steps=3000] [--episodes=96] [--success_episodes=512]
 
 For every continuous embodiment that has an expert (``data_pipelines.experts``), expert rollouts give
 training actions (seeds 0..episodes-1) and held-out actions (other seeds). One multi-embodiment
@@ -97,7 +97,8 @@ def success_through(vocab, name: str, episodes: int, seed: int) -> float:
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--steps", type=int, default=1000, help="training steps per tokenizer")
+  p.add_argument("--steps", type=int, default=3000,
+                 help="training steps per tokenizer (configs/rvq.py's default; K=512 codebooks are under-trained at 1000)")
   p.add_argument("--episodes", type=int, default=96, help="expert episodes per body for training")
   p.add_argument("--eval_episodes", type=int, default=32, help="held-out expert episodes per body for NMSE")
   p.add_argument("--success_episodes", type=int, default=512,
