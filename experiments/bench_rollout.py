@@ -8,7 +8,7 @@ Three decoders:
 
 * "kv_cache" (the collector's default): the KV cache of the text part (embodiment prompt + instruction,
   ``text_len`` slots) is computed once per collect call and carried across env steps in the scan; on a step
-  where any env was reset it is recomputed for all rows (and kept for the reset rows). Per env step only
+  where some env was reset it is recomputed for the reset rows (`refresh_prefix_rows`). Per env step only
   the frame part of the prompt (history frames + current frame) runs on top of a copy of it, then one
   cached step per further action token (`decode_action_tokens(..., prefix_cache=...)`);
 * "per_step_cache": the whole prompt runs every env step, then one cached step per further action token
@@ -26,9 +26,13 @@ action with the RVQ decoder and steps (and renders) the envs each step: those co
 It also prints the tokens run through the LLM per env step and row, with T_a = the layout's action slots
 (every decoder runs every slot; slots an embodiment does not use are masked): recompute = T_a * seq_len,
 per-step cache = prompt_len + T_a - 1, text-prefix cache = (prompt_len - text_len) + T_a - 1 plus text_len
-x (1 + steps with a reset) / steps for the prefix (re)computations, counted from the timed kv_cache runs
-(episodes start fresh each call, so short runs have few or no resets). These counts ignore that cached
+x (rows run through the prefix) / (N x steps): all N rows before the scan, then after each step with resets
+the reset rows rounded up to the collector's ``prefix_chunk`` (ceil(N / 4)); counted from the timed kv_cache
+runs (episodes start fresh each call, so short runs have few or no resets). These counts ignore that cached
 attention still reads all cached slots. Last line: JSON with ``kv_cache_speedup``.
+
+``--history`` (the layout's k, ``data.history``) and ``--pool`` (image tokens per frame = pool^2) override
+`gea_jax.agent.config.agent_config`'s defaults (default: keep them; the recorded runs name theirs).
 """
 
 from __future__ import annotations
@@ -62,6 +66,10 @@ def build(args):
   vocab = build_vocab(tok, llm_vocab_size=text_tok.vocab_size)
   c = agent_config()
   c.data.image_size = 64
+  if getattr(args, "history", None) is not None:
+    c.data.history = args.history
+  if getattr(args, "pool", None) is not None:
+    c.model.vision.pool_grid = (args.pool, args.pool)
   m = c.model
   m.train_mode = "lora"
   m.llm.hidden_size, m.llm.intermediate_size, m.llm.num_layers = 576, 1536, args.layers
@@ -83,6 +91,8 @@ def main():
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--rvq_levels", type=int, default=2)
   ap.add_argument("--envs_names", default="grid_goto,reacher")
+  ap.add_argument("--history", type=int, default=None, help="data.history (k frames); default: agent_config's")
+  ap.add_argument("--pool", type=int, default=None, help="image tokens per frame = pool^2; default: agent_config's")
   args = ap.parse_args()
   ctx, model, names = build(args)
   L = ctx.layout
@@ -91,7 +101,7 @@ def main():
   print(f"model: SmolLM2-135M-shaped, {args.layers} layers, "
         f"{sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state)) / 1e6:.1f}M params; "
         f"text_len={L.text_len} prompt_len={L.prompt_len} seq_len={L.seq_len} action slots={L.action_tokens} "
-        f"frame_len={L.frame_len}")
+        f"frame_len={L.frame_len} history frames={L.history}")
   rows = []
   for name in names:
     env = registry.make(name)
@@ -106,7 +116,7 @@ def main():
 
       def run(st, pool, key, mt, collect=collect):
         traj = collect(nnx.merge(graphdef, st), pool, args.envs, key, mt)[0]
-        return traj.logp, jnp.any(traj.termination | traj.truncation, axis=1)  # [T, N], [T] step had a reset
+        return traj.logp, jnp.sum(traj.termination | traj.truncation, axis=1)  # [T, N], [T] resets per step
       fns[variant] = jax.jit(run)
     compile_s = {}
     for variant, f in fns.items():
@@ -114,21 +124,25 @@ def main():
       jax.block_until_ready(f(state, pool, jax.random.key(0), mask_table))
       compile_s[variant] = time.perf_counter() - t0
     times = {v: [] for v in fns}
-    reset_steps = []  # per timed kv_cache run: scan steps after which the text prefix was recomputed
+    reset_steps = []  # per timed kv_cache run: scan steps after which some env reset
+    prefix_rows = []  # per timed kv_cache run: rows run through the text prefix (N at the start + refreshes)
+    chunk = -(-args.envs // 4)  # make_collector's default prefix_chunk
     for r in range(args.rounds):
       for variant, f in fns.items():
         t0 = time.perf_counter()
         _, reset = jax.block_until_ready(f(state, pool, jax.random.key(r + 1), mask_table))
         times[variant].append(time.perf_counter() - t0)
         if variant == "kv_cache":
-          reset_steps.append(int(np.sum(np.asarray(reset))))
+          reset = np.asarray(reset)
+          reset_steps.append(int(np.sum(reset > 0)))
+          prefix_rows.append(args.envs + int(np.sum(chunk * -(-reset // chunk))))
     sps = {v: args.envs * args.steps / statistics.median(t) for v, t in times.items()}
     # Tokens through the LLM per env step and row; every decoder loops over all L.action_tokens slots (the
     # layout's maximum over embodiments; unused slots are masked), so the counts use L.action_tokens, not t_a.
     frames = L.prompt_len - L.text_len
     tok = {"recompute": L.action_tokens * L.seq_len, "per_step_cache": L.prompt_len + L.action_tokens - 1,
            "kv_cache": frames + L.action_tokens - 1
-           + L.text_len * (1 + statistics.mean(reset_steps)) / args.steps}
+           + L.text_len * statistics.mean(prefix_rows) / (args.envs * args.steps)}
     steady = frames + L.action_tokens - 1  # the prefix cache with no reset and the prefix computation excluded
     row = dict(env=name, action_tokens=t_a, kv_env_steps_per_s=round(sps["kv_cache"], 2),
                per_step_cache_env_steps_per_s=round(sps["per_step_cache"], 2),
@@ -140,7 +154,7 @@ def main():
                token_ratio_per_step_cache=round(tok["recompute"] / tok["per_step_cache"], 2),
                token_ratio_kv_cache=round(tok["recompute"] / tok["kv_cache"], 2),
                token_ratio_kv_cache_no_resets=round(tok["recompute"] / steady, 2),
-               reset_steps_per_run=reset_steps,
+               reset_steps_per_run=reset_steps, prefix_rows_per_run=prefix_rows,
                first_call_s={k: round(v, 1) for k, v in compile_s.items()})
     rows.append(row)
     print(json.dumps(row))

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from gea_jax.agent.context import AgentContext
-from gea_jax.agent.policy import decode_action_tokens, text_prefix_cache
+from gea_jax.agent.policy import candidate_ids, decode_action_tokens, text_prefix_cache
 from gea_jax.agent.prompt import assemble, embodiment_prompt, left_pad
 
 
@@ -66,9 +66,12 @@ def make_policy_step(ctx: AgentContext, e: int, *, greedy: bool, temperature: fl
   constant, so XLA does not try to constant-fold the masked softmax. ``prefix_cache``: the
   `text_prefix_cache` of ``text_ids``/``text_mask`` (then only the frame part of the prompt is run), or None
   (the whole prompt). ``decode_fn`` replaces `decode_action_tokens` (same signature; it is passed
-  ``prefix_cache=`` only when one is given; e.g. the no-cache reference decoder of `gea_jax.agent.rollout`)."""
+  ``prefix_cache=`` only when one is given, and always ``candidate_ids=``, the action ids of
+  ``ctx.vocab.mask_table`` (`policy.candidate_ids`; ``mask_table`` must allow no other id); e.g. the no-cache
+  reference decoder of `gea_jax.agent.rollout`)."""
   decode_fn = decode_fn or decode_action_tokens
   L, vocab = ctx.layout, ctx.vocab
+  cand = candidate_ids(vocab.mask_table)  # logits only over the action ids
   mean, std = state_norm_arrays(ctx, e)
   spec = ctx.specs[e]
   ds = spec.state_dim
@@ -94,7 +97,8 @@ def make_policy_step(ctx: AgentContext, e: int, *, greedy: bool, temperature: fl
     prompt = assemble(L, jnp, text_ids, text_mask, buffers.frame_valid, buffers.hist_ids, tok_valid)
     prompt.update(image=buffers.images, state=buffers.states, embodiment_id=jnp.full((n,), e, jnp.int32))
     kw = {} if prefix_cache is None else {"prefix_cache": prefix_cache}
-    dec = decode_fn(model, L, prompt, mask_table, tok_valid, key, greedy=greedy, temperature=temperature, **kw)
+    dec = decode_fn(model, L, prompt, mask_table, tok_valid, key, greedy=greedy, temperature=temperature,
+                    candidate_ids=cand, **kw)
     ids = jnp.where(tok_valid, dec.tokens, -1)
     actions = vocab.decode(ids, jnp.full((n,), e, jnp.int32))[:, 0]  # [N, max_dim]
     if spec.action_space.is_continuous:

@@ -254,10 +254,59 @@ def test_sharded_params_and_forward():
   np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, rtol=0)
 
 
-def test_fused_projections_equal_separate():
+@pytest.mark.parametrize("min_rows", [0, 10**9])  # always fuse / never (few rows run the projections one by one)
+def test_fused_projections_equal_separate(monkeypatch, min_rows):
+  from gea_jax.models import llm as llm_mod
+  monkeypatch.setattr(llm_mod, "FUSE_MIN_ROWS", min_rows)
   hf = hf_tiny("qwen2", seed=5)
   ids = jnp.asarray(rand_ids(2, 7))
   fused = to_jax(hf)
   sep = to_jax(hf, fuse_projections=False)
   assert fused.config.fuse_projections and not sep.config.fuse_projections
   np.testing.assert_allclose(np.asarray(fused(ids)), np.asarray(sep(ids)), atol=1e-5, rtol=0)
+
+
+def test_fused_proj_runs_separately_below_the_row_threshold(monkeypatch):
+  """Few rows: no concatenated kernel in the program (the copy costs more than the wider matmul saves)."""
+  from gea_jax.models import llm as llm_mod
+  cfg = LlmConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8)
+  model = llm_mod.CausalLM(cfg, rngs=nnx.Rngs(0))
+  mlp = model.layers[0].mlp
+  x = jnp.ones((2, 3, 32))
+  hlo = lambda: str(jax.make_jaxpr(lambda x: llm_mod.fused_proj([mlp.gate_proj, mlp.up_proj], x))(x))
+  assert "concatenate" not in hlo()
+  monkeypatch.setattr(llm_mod, "FUSE_MIN_ROWS", 6)
+  assert "concatenate" in hlo()
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_keep_last_gives_the_last_hidden_states_and_the_same_cache(fuse):
+  """keep_last=k: the last layer runs queries / attention / MLP for the last k positions only; same numbers."""
+  cfg = LlmConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, fuse_projections=fuse)
+  model = CausalLM(cfg, rngs=nnx.Rngs(1))
+  ids = jnp.asarray(rand_ids(3, 9) % 64)
+  mask = jnp.ones((3, 9), jnp.int32).at[0, :3].set(0)  # a left-padded row
+  full = model.forward(ids, attention_mask=mask, cache=model.init_cache(3, 12))
+  for k in (0, 1, 4):
+    part = model.forward(ids, attention_mask=mask, cache=model.init_cache(3, 12), keep_last=k)
+    assert part.hidden_states.shape == (3, k, 32) and part.logits.shape == (3, k, 64)
+    np.testing.assert_allclose(np.asarray(part.hidden_states), np.asarray(full.hidden_states[:, 9 - k:]), atol=1e-5)
+    for a, b in zip(jax.tree.leaves(part.cache), jax.tree.leaves(full.cache)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  nocache = model.forward(ids, attention_mask=mask, keep_last=2)
+  np.testing.assert_allclose(np.asarray(nocache.hidden_states), np.asarray(full.hidden_states[:, 7:]), atol=1e-5)
+  with pytest.raises(ValueError, match="keep_last=10"):
+    model.forward(ids, keep_last=10)
+
+
+def test_lm_logits_of_selected_ids():
+  for tie in (True, False):
+    cfg = LlmConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=8, tie_word_embeddings=tie)
+    model = CausalLM(cfg, rngs=nnx.Rngs(2))
+    h = jax.random.normal(jax.random.key(0), (2, 3, 32))
+    ids = np.array([5, 63, 0, 17])
+    np.testing.assert_allclose(np.asarray(model.lm_logits(h, ids)), np.asarray(model.lm_logits(h))[..., ids],
+                               atol=1e-5)

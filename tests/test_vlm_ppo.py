@@ -17,9 +17,9 @@ from test_sft import EMBODIMENTS, tiny_config
 
 from gea_jax.agent.context import load_context
 from gea_jax.agent.model import build_agent
-from gea_jax.agent.policy import action_scores, decode_action_tokens, text_prefix_cache
+from gea_jax.agent.policy import action_scores, candidate_ids, decode_action_tokens, text_prefix_cache
 from gea_jax.agent.prompt import assemble
-from gea_jax.agent.rollout import decode_without_cache, make_collector, make_reset_pool
+from gea_jax.agent.rollout import decode_without_cache, make_collector, make_reset_pool, refresh_prefix_rows
 from gea_jax.envs import registry
 from gea_jax.train import ppo
 
@@ -135,6 +135,58 @@ def test_text_prefix_cache_decoding_equals_whole_prompt(assets, greedy):
   other = text_prefix_cache(model, L, jnp.asarray(np.roll(text, 1, 0)), jnp.asarray(np.roll(tmask, 1, 0)))
   wrong = dec(model, prompt, jax.random.key(5), other)
   assert not np.allclose(np.asarray(wrong.logp), np.asarray(whole.logp), atol=1e-3)
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_logits_over_candidate_ids_give_the_same_policy(assets, greedy):
+  """Decoding with logits only over the action ids (the collector's way) = over the whole vocabulary: same
+  greedy tokens, same log-probs of the chosen tokens, and sampled tokens drawn from the same distribution."""
+  _, ctx, model = _setup(assets, "full")
+  L = ctx.layout
+  prompt, tok_valid, (text, tmask, fvalid, hist) = _prompts(ctx, n=8, seed=3)
+  mask_table = jnp.asarray(ctx.vocab.mask_table)
+  cand = candidate_ids(ctx.vocab.mask_table)
+  assert len(cand) < ctx.vocab.total_vocab_size // 10 and np.asarray(ctx.vocab.mask_table)[..., cand].sum() == \
+      np.asarray(ctx.vocab.mask_table).sum()
+  dec = nnx.jit(lambda m, p, k, c: decode_action_tokens(m, L, p, mask_table, tok_valid, k, greedy=greedy,
+                                                        candidate_ids=c), static_argnums=3)
+  full = dec(model, prompt, jax.random.key(7), None)
+  part = dec(model, prompt, jax.random.key(7), tuple(int(i) for i in cand))
+  used = np.asarray(tok_valid)
+  assert np.isin(np.asarray(part.tokens)[used], cand).all()
+  if greedy:
+    np.testing.assert_array_equal(np.asarray(part.tokens), np.asarray(full.tokens))
+    np.testing.assert_allclose(np.asarray(part.logp), np.asarray(full.logp), atol=1e-5)
+  # the log-prob the candidate path reports for its tokens is the teacher-forced one over the whole vocabulary
+  seq = assemble(L, jnp, jnp.asarray(text), jnp.asarray(tmask), jnp.asarray(fvalid), jnp.asarray(hist), tok_valid,
+                 target_action_ids=part.tokens)
+  seq.update(image=prompt["image"], state=prompt["state"], embodiment_id=prompt["embodiment_id"])
+  logp_tok, _, _, _ = nnx.jit(lambda m, b: action_scores(m, L, b, mask_table))(model, seq)
+  np.testing.assert_allclose(np.asarray(part.logp), np.asarray(jnp.sum(jnp.where(tok_valid, logp_tok, 0.0), 1)),
+                             atol=1e-5)
+  np.testing.assert_allclose(np.asarray(part.value), np.asarray(full.value), atol=1e-6)
+
+
+def test_refresh_prefix_rows_equals_recomputing_all_rows(assets):
+  """Reset rows' text caches recomputed in chunks = all rows recomputed and the reset ones kept."""
+  _, ctx, model = _setup(assets, "full")
+  L = ctx.layout
+  _, _, (text, tmask, _, _) = _prompts(ctx, n=5, seed=4)
+  _, _, (text2, tmask2, _, _) = _prompts(ctx, n=5, seed=5)
+  f = nnx.jit(lambda m, c, d, t, tm, chunk: refresh_prefix_rows(m, L, c, d, t, tm, chunk), static_argnums=5)
+  old = text_prefix_cache(model, L, jnp.asarray(text), jnp.asarray(tmask))
+  new = text_prefix_cache(model, L, jnp.asarray(text2), jnp.asarray(tmask2))
+  for done in ([0, 0, 0, 0, 0], [0, 1, 0, 0, 0], [1, 0, 1, 1, 0], [1, 1, 1, 1, 1]):
+    d = np.asarray(done, bool)
+    for chunk in (1, 2, 5):
+      got = f(model, old, jnp.asarray(d), jnp.asarray(text2), jnp.asarray(tmask2), chunk)
+      assert int(got.index) == L.text_len
+      for g, a, b in zip(jax.tree.leaves(got), jax.tree.leaves(new), jax.tree.leaves(old)):
+        g, a, b = np.asarray(g), np.asarray(a), np.asarray(b)
+        if g.ndim == 0:
+          continue
+        want = np.where(d.reshape((-1,) + (1,) * (g.ndim - 1)), a, b)
+        np.testing.assert_allclose(g, want, atol=1e-5)
 
 
 def test_text_prefix_cache_misuse_is_named(assets):

@@ -87,12 +87,14 @@ class AgentModel(nnx.Module):
       x = jnp.where((kind == STATE_SLOT)[None, :, None], placed, x)
     return constrain(x, ("batch", "length", "embed"))
 
-  def forward(self, input_ids, images, states, attention_mask, positions, cache=None, offset: int = 0) -> LlmOutput:
+  def forward(self, input_ids, images, states, attention_mask, positions, cache=None, offset: int = 0,
+              keep_last: int | None = None) -> LlmOutput:
     """Hidden states of the layout's slots ``offset .. offset + S`` (``offset=text_len``: the frames on top of a
-    text-prefix ``cache``; ``positions`` are those of the full sequence)."""
+    text-prefix ``cache``; ``positions`` are those of the full sequence). ``keep_last``: only the last that many
+    positions' hidden states (see `CausalLM.forward`; 0 with a cache: just fill it)."""
     x = self.embed(input_ids, images, states, offset)
     return self.llm.forward(inputs_embeds=x, positions=positions, attention_mask=attention_mask, cache=cache,
-                            compute_logits=False)
+                            compute_logits=False, keep_last=keep_last)
 
   def value(self, hidden: jax.Array) -> jax.Array:
     return self.vlm.value(hidden)

@@ -9,7 +9,9 @@ further action token. The prompt's text part (embodiment prompt + instruction, `
 longest and is constant for an episode, so it can be cached once (`text_prefix_cache`) and passed as
 ``prefix_cache``: each decision then runs only the frame part (history frames + current frame) on top of the
 text's cache. RoPE positions are explicit (those of the full prompt), so this is the same computation split
-in two and gives the same tokens, log-probs and values (up to float rounding).
+in two and gives the same tokens, log-probs and values (up to float rounding). Passes whose outputs are only
+the cache (the text) or only the last position (a prompt) run the LLM's last layer for just those positions
+(``keep_last``), and sampling computes logits only over the action ids (``candidate_ids``), not the ~50k text ids.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gea_jax.agent.prompt import PromptLayout
 from gea_jax.models.kv_cache import KVCache
@@ -25,12 +28,24 @@ from gea_jax.models.kv_cache import KVCache
 _NEG = -1e9
 
 
-def masked_logits(model, hidden: jax.Array, emb: jax.Array, mask_table: jax.Array, first_pos: int = 0):
-  """hidden [b,T,d] -> float32 logits [b,T,V] with invalid ids at -1e9 (positions first_pos..)."""
-  logits = model.llm.lm_logits(hidden).astype(jnp.float32)
+def masked_logits(model, hidden: jax.Array, emb: jax.Array, mask_table: jax.Array, first_pos: int = 0,
+                  candidate_ids=None):
+  """hidden [b,T,d] -> float32 logits [b,T,V] with invalid ids at -1e9 (positions first_pos..).
+
+  candidate_ids: static int array [C] (`candidate_ids`) holding every id ``mask_table`` allows: only those
+  columns are computed, [b,T,C] in that order. The softmax is the same (the other ids' exp(-1e9 - max) is 0).
+  """
+  logits = model.llm.lm_logits(hidden, candidate_ids).astype(jnp.float32)
   t = hidden.shape[1]
   valid = mask_table[emb][:, first_pos:first_pos + t]
+  if candidate_ids is not None:
+    valid = jnp.take(valid, jnp.asarray(candidate_ids, jnp.int32), axis=-1)
   return jnp.where(valid, logits, _NEG)
+
+
+def candidate_ids(mask_table) -> np.ndarray:
+  """The ids any embodiment may emit at any action position (host side): the columns `sample_token` needs."""
+  return np.nonzero(np.asarray(mask_table).any(axis=(0, 1)))[0].astype(np.int32)
 
 
 def action_scores(model, layout: PromptLayout, batch, mask_table, value_trunk_grad=None):
@@ -72,13 +87,20 @@ def sft_loss(model, layout: PromptLayout, batch, mask_table):
   return loss, {"loss": loss, "token_accuracy": acc}
 
 
-def sample_token(model, h, emb, mask_table, j: int, used, key, *, greedy: bool, temperature: float, pad_id: int):
-  """Action token ``j`` from the hidden state ``h`` [b,1,d]: (token [b], its log-prob [b], 0 where unused)."""
-  logits = masked_logits(model, h, emb, mask_table, first_pos=j)[:, 0]
+def sample_token(model, h, emb, mask_table, j: int, used, key, *, greedy: bool, temperature: float, pad_id: int,
+                 candidate_ids=None):
+  """Action token ``j`` from the hidden state ``h`` [b,1,d]: (token [b], its log-prob [b], 0 where unused).
+
+  candidate_ids: see `masked_logits` (the same distribution from ~C instead of ~V logits; a sampled token for a
+  given key differs from the full-vocabulary draw, greedy tokens do not).
+  """
+  logits = masked_logits(model, h, emb, mask_table, first_pos=j, candidate_ids=candidate_ids)[:, 0]
   logp_all = jax.nn.log_softmax(logits / (1.0 if greedy else temperature), axis=-1)
-  tok = jnp.argmax(logits, -1) if greedy else jax.random.categorical(key, logp_all)
+  col = jnp.argmax(logits, -1) if greedy else jax.random.categorical(key, logp_all)
+  logp = jnp.take_along_axis(logp_all, col[:, None], -1)[:, 0]
+  tok = col if candidate_ids is None else jnp.asarray(candidate_ids, jnp.int32)[col]
   tok = jnp.where(used, tok, pad_id).astype(jnp.int32)
-  return tok, jnp.where(used, jnp.take_along_axis(logp_all, tok[:, None], -1)[:, 0], 0.0)
+  return tok, jnp.where(used, logp, 0.0)
 
 
 class Decoded(NamedTuple):
@@ -103,7 +125,7 @@ def text_prefix_cache(model, layout: PromptLayout, text_ids: jax.Array, text_mas
   mask = text_mask.astype(jnp.int32)
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)  # as in prompt.assemble
   cache = model.llm.init_cache(b, layout.seq_len)
-  return model.forward(text_ids.astype(jnp.int32), None, None, mask, positions, cache=cache).cache
+  return model.forward(text_ids.astype(jnp.int32), None, None, mask, positions, cache=cache, keep_last=0).cache
 
 
 def check_prefix_cache(layout: PromptLayout, prefix_cache: KVCache, batch: int) -> None:
@@ -119,13 +141,15 @@ def check_prefix_cache(layout: PromptLayout, prefix_cache: KVCache, batch: int) 
 
 
 def decode_action_tokens(model, layout: PromptLayout, prompt, mask_table, token_valid, key, *, greedy: bool,
-                         temperature: float = 1.0, prefix_cache: KVCache | None = None) -> Decoded:
+                         temperature: float = 1.0, prefix_cache: KVCache | None = None,
+                         candidate_ids=None) -> Decoded:
   """Sample the T action tokens one by one with the KV cache.
 
   prompt: input_ids/attention_mask/positions of length prompt_len, image, state, embodiment_id.
   token_valid: bool [b, T] which positions the row's embodiment uses.
   prefix_cache: `text_prefix_cache` of the prompt's text part (the caller keeps them in sync): only the
     frame part (slots text_len..prompt_len) is run, on top of it. None: the whole prompt is run.
+  candidate_ids: `candidate_ids(mask_table)` (static): logits only over the action ids (see `sample_token`).
   """
   b, n = prompt["input_ids"].shape
   T = layout.action_tokens
@@ -134,13 +158,13 @@ def decode_action_tokens(model, layout: PromptLayout, prompt, mask_table, token_
   if prefix_cache is None:
     cache = model.llm.init_cache(b, layout.seq_len)
     out = model.forward(prompt["input_ids"], prompt["image"], prompt["state"], prompt["attention_mask"],
-                        prompt["positions"], cache=cache)
+                        prompt["positions"], cache=cache, keep_last=1)
   else:
     check_prefix_cache(layout, prefix_cache, b)
     s = layout.text_len
     out = model.forward(prompt["input_ids"][:, s:], prompt["image"], prompt["state"],
                         prompt["attention_mask"][:, s:], prompt["positions"][:, s:], cache=prefix_cache,
-                        offset=s)
+                        offset=s, keep_last=1)
   cache = out.cache
   h = out.hidden_states[:, -1:]
   value = (model.value(h[:, 0]) if model.vlm.value_head is not None else jnp.zeros((b,), jnp.float32))
@@ -149,7 +173,7 @@ def decode_action_tokens(model, layout: PromptLayout, prompt, mask_table, token_
   for j in range(T):
     key, sub = jax.random.split(key)
     tok, logp = sample_token(model, h, emb, mask_table, j, token_valid[:, j], sub, greedy=greedy,
-                             temperature=temperature, pad_id=layout.pad_id)
+                             temperature=temperature, pad_id=layout.pad_id, candidate_ids=candidate_ids)
     used = token_valid[:, j]
     total = total + logp
     tokens.append(tok)

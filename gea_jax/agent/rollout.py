@@ -9,9 +9,9 @@ steps the env, and auto-resets finished episodes. Instructions are host-side tex
 rebuild the full teacher-forced sequence (prompt + the sampled action ids) with `prompt.assemble`.
 
 By default the KV cache of the prompt's text part (`text_prefix_cache`) is carried in the scan: it is
-computed for all envs before the scan and recomputed (for all rows, then kept only for the reset rows)
-on the steps where some env was reset, so most steps run only the frame part of the prompt plus the
-action tokens. ``prefix_cache=False`` runs the whole prompt every step (the per-step cache).
+computed for all envs before the scan and recomputed for the reset rows only (`refresh_prefix_rows`, in
+chunks of a few rows) on the steps where some env was reset, so most steps run only the frame part of the
+prompt plus the action tokens. ``prefix_cache=False`` runs the whole prompt every step (the per-step cache).
 
 `decode_without_cache` is the reference decoder (recompute the whole context for every action token),
 used by the KV-cache tests and the rollout benchmark.
@@ -83,15 +83,41 @@ def _where_rows(done, new, old):
   return jax.tree.map(one, new, old)
 
 
-def _select_cache_rows(rows, new: KVCache, old: KVCache) -> KVCache:
-  """Per-row choice between two KV caches with the same slots filled (``index`` is shared by all rows)."""
-  pick = functools.partial(_where_rows, rows)
-  return old.replace(keys=pick(new.keys, old.keys), values=pick(new.values, old.values),
-                     valid=pick(new.valid, old.valid), next_position=pick(new.next_position, old.next_position))
+def _set_cache_rows(cache: KVCache, rows, sub: KVCache) -> KVCache:
+  """``cache`` with rows ``rows`` [r] replaced by the r rows of ``sub`` (same slots filled; out-of-range indices are
+  dropped)."""
+  put = lambda a, b: a.at[rows].set(b.astype(a.dtype), mode="drop")
+  return cache.replace(keys=tuple(map(put, cache.keys, sub.keys)), values=tuple(map(put, cache.values, sub.values)),
+                       valid=put(cache.valid, sub.valid), next_position=put(cache.next_position, sub.next_position))
+
+
+def refresh_prefix_rows(model, layout: PromptLayout, prefix: KVCache, done, text_ids, text_mask,
+                        chunk: int) -> KVCache:
+  """Recompute the text-prefix cache of the rows where ``done`` (their text changed), ``chunk`` rows per LLM pass.
+
+  The rows to refresh are gathered into batches of ``chunk`` (a `lax.while_loop`: no pass when no row is done,
+  ceil(count / chunk) passes otherwise), so a step where one of N envs reset costs a prefix pass over ``chunk``
+  rows, not N. Rows are independent in the LLM, so this equals recomputing all rows and keeping the done ones.
+  """
+  n = done.shape[0]
+  chunk = max(1, min(int(chunk), n))
+  count = jnp.sum(done.astype(jnp.int32))
+  order = jnp.argsort((~done).astype(jnp.int32), stable=True).astype(jnp.int32)  # done rows first, in row order
+  order = jnp.concatenate([order, jnp.zeros((chunk,), jnp.int32)])
+
+  def body(state):
+    i, cache = state
+    k = i * chunk + jnp.arange(chunk)
+    rows = jax.lax.dynamic_slice(order, (i * chunk,), (chunk,))
+    sub = text_prefix_cache(model, layout, text_ids[rows], text_mask[rows])
+    return i + 1, _set_cache_rows(cache, jnp.where(k < count, rows, n), sub)  # index n: dropped
+
+  return jax.lax.while_loop(lambda st: st[0] * chunk < count, body, (jnp.zeros((), jnp.int32), prefix))[1]
 
 
 def make_collector(ctx: AgentContext, e: int, env, num_steps: int, *, greedy: bool = False,
-                   temperature: float = 1.0, decode_fn=None, prefix_cache: bool | None = None):
+                   temperature: float = 1.0, decode_fn=None, prefix_cache: bool | None = None,
+                   prefix_chunk: int | None = None):
   """``collect(model, pool, num_envs, key, mask_table) -> (Trajectory, bootstrap_value [N])``.
 
   Envs start from ``pool[:N]``; the k-th episode end (over all envs, in row order per step) takes
@@ -99,6 +125,7 @@ def make_collector(ctx: AgentContext, e: int, env, num_steps: int, *, greedy: bo
   ``decode_fn`` replaces the KV-cached decoder (e.g. `decode_without_cache`, for the benchmark).
   ``prefix_cache``: carry the text's KV cache across steps (see the module docstring); default True with
   the built-in decoder, False with a ``decode_fn`` (which must then accept ``prefix_cache=`` if set True).
+  ``prefix_chunk``: rows per prefix recomputation after resets (`refresh_prefix_rows`; default ceil(N / 4)).
   """
   policy = make_policy_step(ctx, e, greedy=greedy, temperature=temperature, decode_fn=decode_fn)
   spec = ctx.specs[e]
@@ -111,6 +138,7 @@ def make_collector(ctx: AgentContext, e: int, env, num_steps: int, *, greedy: bo
     if p <= n:
       raise ValueError(f"reset pool of {p} states must be larger than num_envs={n}")
     first = jnp.arange(n)
+    chunk = prefix_chunk or -(-n // 4)
     # the text's KV cache (None without the prefix path: an empty pytree in the carry)
     prefix0 = text_prefix_cache(model, L, pool.text_ids[:n], pool.text_mask[:n]) if use_prefix else None
     carry0 = (_take(pool.states, first), init_buffers(ctx, n), pool.text_ids[:n], pool.text_mask[:n],
@@ -134,11 +162,8 @@ def make_collector(ctx: AgentContext, e: int, env, num_steps: int, *, greedy: bo
       text_ids = jnp.where(done[:, None], pool.text_ids[idx], text_ids)
       text_mask = jnp.where(done[:, None], pool.text_mask[idx], text_mask)
       new_buffers = _where_rows(done, fresh, new_buffers)
-      if use_prefix:  # reset rows have a new text: recompute its cache only on steps where some env reset
-        prefix = jax.lax.cond(
-            jnp.any(done),
-            lambda: _select_cache_rows(done, text_prefix_cache(model, L, text_ids, text_mask), prefix),
-            lambda: prefix)
+      if use_prefix:  # reset rows have a new text: recompute their caches (only theirs, only when some env reset)
+        prefix = refresh_prefix_rows(model, L, prefix, done, text_ids, text_mask, chunk)
       return (env_state, new_buffers, text_ids, text_mask, used + done.sum(), prefix), out
 
     k_steps, k_boot = jax.random.split(key)
@@ -160,7 +185,7 @@ def sequences(layout: PromptLayout, traj: Trajectory, token_valid: jax.Array) ->
 
 
 def decode_without_cache(model, layout: PromptLayout, prompt, mask_table, token_valid, key, *, greedy: bool,
-                         temperature: float = 1.0) -> Decoded:
+                         temperature: float = 1.0, candidate_ids=None) -> Decoded:
   """Like `decode_action_tokens`, but each action token re-runs the whole context (no KV cache).
 
   The sequence is the full ``seq_len`` layout with the not-yet-sampled action slots masked out; causal
@@ -184,10 +209,11 @@ def decode_without_cache(model, layout: PromptLayout, prompt, mask_table, token_
       value = model.value(h[:, 0])
     key, sub = jax.random.split(key)
     tok, logp = sample_token(model, h, emb, mask_table, j, token_valid[:, j], sub, greedy=greedy,
-                             temperature=temperature, pad_id=layout.pad_id)
+                             temperature=temperature, pad_id=layout.pad_id, candidate_ids=candidate_ids)
     total = total + logp
     tokens = tokens.at[:, j].set(tok)
   return Decoded(tokens, total, value)
 
 
-__all__ = ["ResetPool", "Trajectory", "make_reset_pool", "make_collector", "sequences", "decode_without_cache"]
+__all__ = ["ResetPool", "Trajectory", "make_reset_pool", "make_collector", "refresh_prefix_rows", "sequences",
+           "decode_without_cache"]
