@@ -83,16 +83,21 @@ def build(args):
   return ctx, model, names
 
 
-def main():
-  ap = argparse.ArgumentParser()
+def model_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+  """The flags `build` reads (model, layout, envs), shared with experiments/profile_rollout.py."""
   ap.add_argument("--layers", type=int, default=8)
   ap.add_argument("--envs", type=int, default=8)
   ap.add_argument("--steps", type=int, default=8)
-  ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--rvq_levels", type=int, default=2)
   ap.add_argument("--envs_names", default="grid_goto,reacher")
   ap.add_argument("--history", type=int, default=None, help="data.history (k frames); default: agent_config's")
   ap.add_argument("--pool", type=int, default=None, help="image tokens per frame = pool^2; default: agent_config's")
+  return ap
+
+
+def main():
+  ap = model_arguments(argparse.ArgumentParser())
+  ap.add_argument("--rounds", type=int, default=3)
   args = ap.parse_args()
   ctx, model, names = build(args)
   L = ctx.layout

@@ -128,15 +128,8 @@ def profile_env(args, ctx, model, graphdef, state, mask_table, name: str) -> dic
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--layers", type=int, default=8)
-  ap.add_argument("--envs", type=int, default=8)
-  ap.add_argument("--steps", type=int, default=8)
+  ap = bench_rollout.model_arguments(argparse.ArgumentParser())
   ap.add_argument("--reps", type=int, default=10)
-  ap.add_argument("--rvq_levels", type=int, default=2)
-  ap.add_argument("--envs_names", default="grid_goto,reacher")
-  ap.add_argument("--history", type=int, default=None)
-  ap.add_argument("--pool", type=int, default=None)
   args = ap.parse_args()
   ctx, model, names = bench_rollout.build(args)
   L = ctx.layout
