@@ -6,16 +6,20 @@ start from), or ``train(config, workdir, model, ctx, embodiments)`` after SFT in
 One iteration: for every embodiment, ``ppo.num_envs`` envs run ``ppo.unroll_length`` steps
 (`gea_jax.agent.rollout`: the prompt is built on device, the action tokens are sampled one by one with the
 KV cache and constrained to the embodiment's ids; the action's log-prob is the sum over its tokens, the value
-head reads the prompt's last hidden state; episodes auto-reset). GAE per embodiment (`gea_jax.rl.gae`), then
-``ppo.num_epochs`` epochs of minibatches (`gea_jax.rl.ppo.sgd_epochs`) whose loss re-scores the stored full
-sequences (prompt + sampled ids) in one teacher-forced pass (`action_scores`): clipped surrogate, clipped
-value loss, entropy bonus, and optionally a KL penalty to the frozen starting (SFT) policy. What trains is
+head reads the prompt's last hidden state; episodes auto-reset). GAE per embodiment (`gea_jax.rl.gae`), with
+advantages normalized per embodiment, then ``ppo.num_epochs`` epochs of minibatches
+(`gea_jax.rl.ppo.sgd_epochs`) whose loss re-scores the stored full sequences (prompt + sampled ids) in one
+teacher-forced pass (`action_scores`): clipped surrogate, value loss (clipped if ``ppo.value_clip_eps``),
+entropy bonus, optionally a KL penalty to the frozen starting (SFT) policy and, with ``ppo.sft_coef``, the SFT
+cross-entropy on a batch of expert data (GEA's joint SFT + RL). The first ``ppo.value_warmup_iterations``
+iterations train the value head alone (its gradient stopped at the trunk, every other term off). What trains is
 ``ppo.train_mode`` (or ``model.train_mode`` when empty): "lora" (LoRA + value head + non-LLM parts + the
 embedding table; GEA), "frozen" (LLM frozen, adapters = vision/projector/state/value; LLaRP) or "full".
 The collector and the update are each one jitted call over the split (trainable, frozen) model state.
 
 Every iteration starts from freshly reset envs drawn from ``fold_in(seed, iteration)``, so a checkpoint
-(trainable params, optimizer state, iteration) resumes bit-exactly without saving simulator state.
+(trainable params, optimizer state, iteration, and the expert iterator's state when ``ppo.sft_coef > 0``)
+resumes bit-exactly without saving simulator state.
 """
 
 from __future__ import annotations
