@@ -146,8 +146,6 @@ def make_optimizer(p) -> optax.GradientTransformation:
 
 
 _COMPILED: dict[Any, Any] = {}
-SFT_KEYS = ("input_ids", "attention_mask", "positions", "targets", "loss_mask", "image", "state", "actions",
-            "embodiment_id")
 
 
 class VlmPPO:
@@ -238,7 +236,8 @@ class VlmPPO:
       total, m = ppo_loss(logp, mb["old_logp"], mb["adv"], value, mb["old_value"], mb["target"], entropy,
                           clip_eps=float(p.clip_eps), value_clip_eps=vclip, vf_coef=float(p.vf_coef),
                           entropy_coef=float(p.entropy_coef), normalize_advantage=False)
-      policy_terms = total - float(p.vf_coef) * m["value_loss"]
+      del total  # recombined below: the value warm-up weighs every term but the value loss by policy_weight
+      policy_terms = m["policy_loss"] - float(p.entropy_coef) * m["entropy"]
       if kl_coef > 0:
         d = mb["ref_logp"] - logp
         kl = jnp.mean(jnp.exp(d) - d - 1.0)  # k3 estimator of KL(pi || ref), >= 0
@@ -284,9 +283,8 @@ class VlmPPO:
   def _sft_batch(self):
     if self.sft_iterator is None:
       return None
-    raw = next(self.sft_iterator)
-    return {k: jnp.asarray(np.asarray(raw[k]).astype(np.int32) if np.asarray(raw[k]).dtype == np.bool_ else raw[k])
-            for k in SFT_KEYS}
+    from gea_jax.train.sft import model_arrays
+    return {k: jnp.asarray(x) for k, x in model_arrays(next(self.sft_iterator)).items()}
 
   def sync(self) -> AgentModel:
     nnx.update(self.model, self.params)

@@ -159,15 +159,19 @@ MODEL_KEYS = ("input_ids", "attention_mask", "positions", "targets", "loss_mask"
               "embodiment_id")
 
 
-def device_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-  """This process's part of the global batch -> global arrays sharded over the batch axes."""
+def model_arrays(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The model's keys of a pipeline batch as numpy arrays (booleans as int32)."""
   out = {}
   for k in MODEL_KEYS:
     x = np.asarray(batch[k])
-    if x.dtype == np.bool_:
-      x = x.astype(np.int32)
-    out[k] = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, x.ndim), x)
+    out[k] = x.astype(np.int32) if x.dtype == np.bool_ else x
   return out
+
+
+def device_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+  """This process's part of the global batch -> global arrays sharded over the batch axes."""
+  return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, x.ndim), x)
+          for k, x in model_arrays(batch).items()}
 
 
 def make_iterator(config, ctx: AgentContext, data_dir: str, embodiments, *, batch_size: int | None = None,
