@@ -63,6 +63,13 @@ def _pad_plans(plans: list, num_steps: int, filler: int) -> np.ndarray:
   return out
 
 
+@functools.lru_cache(maxsize=32)
+def _batched_reset(env_name: str, task_split: str):
+  """Jitted, vmapped reset of embodiment ``env_name`` (one compiled program per env, split and batch size)."""
+  env = registry.make(env_name)
+  return jax.jit(jax.vmap(lambda k: env.reset(k, task_split)))
+
+
 def rollout(name: str, num_episodes: int, seed: int = 0, task_split: str = "train", *,
             batch_size: int = 32, expert: Expert | None = None) -> list[dict[str, Any]]:
   """Runs the expert of embodiment `name` for `num_episodes` episodes; returns RLDS-style episodes.
@@ -84,6 +91,7 @@ def rollout(name: str, num_episodes: int, seed: int = 0, task_split: str = "trai
   program = _program(name, expert, task_split, num_steps, planned)
   discrete = not env.spec.action_space.is_continuous
   family = getattr(env, "task_family", "") or name
+  reset = _batched_reset(name, task_split) if planned else None
   episodes = []
   for start in range(0, num_episodes, batch):
     seeds = np.arange(start, start + batch) + seed
@@ -91,7 +99,7 @@ def rollout(name: str, num_episodes: int, seed: int = 0, task_split: str = "trai
     seeds[n_real:] = seeds[0]  # pad the last batch (same shapes, one compiled program)
     keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds))
     if planned:
-      s0 = jax.jit(jax.vmap(lambda k: env.reset(k, task_split)))(keys)
+      s0 = reset(keys)
       plans = [expert.plan(jax.tree_util.tree_map(lambda x, i=i: x[i], s0)) for i in range(batch)]
       plan_arr = jnp.asarray(_pad_plans(plans, num_steps, filler=2))
     else:
