@@ -86,10 +86,17 @@ def test_sampled_logp_equals_teacher_forced(assets):
   seq = assemble(L, jnp, jnp.asarray(text), jnp.asarray(tmask), jnp.asarray(fvalid), jnp.asarray(hist), tok_valid,
                  target_action_ids=dec.tokens)
   seq.update(image=prompt["image"], state=prompt["state"], embodiment_id=prompt["embodiment_id"])
-  logp_tok, _, value, _ = nnx.jit(lambda m, b: action_scores(m, L, b, mask_table))(model, seq)
+  logp_tok, ent_tok, value, greedy = nnx.jit(lambda m, b: action_scores(m, L, b, mask_table))(model, seq)
   tf_logp = jnp.sum(jnp.where(tok_valid, logp_tok, 0.0), 1)
   np.testing.assert_allclose(np.asarray(dec.logp), np.asarray(tf_logp), atol=1e-5)
   np.testing.assert_allclose(np.asarray(dec.value), np.asarray(value), atol=1e-5)
+  # scoring over the action ids only (the trainers' path) gives the same log-probs, entropies and greedy ids
+  cand = candidate_ids(ctx.vocab.mask_table)
+  c_logp, c_ent, _, c_greedy = nnx.jit(lambda m, b: action_scores(m, L, b, mask_table, candidate_ids=cand))(model, seq)
+  v = np.asarray(tok_valid)
+  np.testing.assert_allclose(np.asarray(c_logp)[v], np.asarray(logp_tok)[v], atol=1e-5)
+  np.testing.assert_allclose(np.asarray(c_ent)[v], np.asarray(ent_tok)[v], atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(c_greedy)[v], np.asarray(greedy)[v])
   assert np.all(np.asarray(dec.logp) < 0)  # sampled among several valid ids
   lo, hi = ctx.vocab.first_id, ctx.vocab.first_id + ctx.vocab.num_ids
   used = np.asarray(dec.tokens)[np.asarray(tok_valid)]

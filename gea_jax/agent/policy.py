@@ -48,21 +48,28 @@ def candidate_ids(mask_table) -> np.ndarray:
   return np.nonzero(np.asarray(mask_table).any(axis=(0, 1)))[0].astype(np.int32)
 
 
-def action_scores(model, layout: PromptLayout, batch, mask_table, value_trunk_grad=None):
-  """Teacher-forced pass over full sequences: per-token log-probs [b,T], entropy [b,T], value [b].
+def action_scores(model, layout: PromptLayout, batch, mask_table, value_trunk_grad=None, candidate_ids=None):
+  """Teacher-forced pass over full sequences: per-token log-probs [b,T], entropy [b,T], value [b], greedy ids [b,T].
 
   batch holds input_ids/attention_mask/positions/targets/image/state/embodiment_id (action ids filled).
   value_trunk_grad: None, or a scalar in [0, 1] scaling the value's gradient into the shared trunk (0: the
   value loss trains the value head only, as in PPO's value warm-up).
+  candidate_ids: `candidate_ids(mask_table)` (static, sorted): logits only over the action ids, the same
+  log-probs, entropy and greedy ids as over the whole vocabulary (the others are masked to exp(-1e9) = 0).
   """
   slots = layout.slots()
   out = model.forward(batch["input_ids"], batch["image"], batch["state"], batch["attention_mask"],
                       batch["positions"])
   logit_pos = jnp.asarray(slots["logit_pos"])
   h = out.hidden_states[:, logit_pos]
-  logits = masked_logits(model, h, batch["embodiment_id"], mask_table)
+  logits = masked_logits(model, h, batch["embodiment_id"], mask_table, candidate_ids=candidate_ids)
   logp_all = jax.nn.log_softmax(logits, axis=-1)
   tgt = batch["targets"][:, logit_pos]
+  greedy = jnp.argmax(logits, -1)
+  if candidate_ids is not None:  # ids -> columns of the candidate logits (unused slots' pad id: any column)
+    cand = jnp.asarray(candidate_ids, jnp.int32)
+    tgt = jnp.clip(jnp.searchsorted(cand, tgt), 0, cand.shape[0] - 1)
+    greedy = cand[greedy]
   logp = jnp.take_along_axis(logp_all, tgt[..., None], axis=-1)[..., 0]
   probs = jnp.exp(logp_all)
   entropy = -jnp.sum(jnp.where(logits > _NEG / 2, probs * logp_all, 0.0), axis=-1)
@@ -72,18 +79,18 @@ def action_scores(model, layout: PromptLayout, batch, mask_table, value_trunk_gr
     if value_trunk_grad is not None:
       hv = value_trunk_grad * hv + (1.0 - value_trunk_grad) * jax.lax.stop_gradient(hv)
     value = model.value(hv)
-  return logp, entropy, value, logits
+  return logp, entropy, value, greedy
 
 
-def sft_loss(model, layout: PromptLayout, batch, mask_table):
-  """Cross-entropy on the action tokens only. Returns (loss, metrics)."""
+def sft_loss(model, layout: PromptLayout, batch, mask_table, candidate_ids=None):
+  """Cross-entropy on the action tokens only. Returns (loss, metrics). candidate_ids: see `action_scores`."""
   slots = layout.slots()
-  logp, _, _, logits = action_scores(model, layout, batch, mask_table)
+  logp, _, _, greedy = action_scores(model, layout, batch, mask_table, candidate_ids=candidate_ids)
   lm = batch["loss_mask"][:, jnp.asarray(slots["logit_pos"])].astype(jnp.float32)
   denom = jnp.maximum(lm.sum(), 1.0)
   loss = -jnp.sum(logp * lm) / denom
   tgt = batch["targets"][:, jnp.asarray(slots["logit_pos"])]
-  acc = jnp.sum((jnp.argmax(logits, -1) == tgt) * lm) / denom
+  acc = jnp.sum((greedy == tgt) * lm) / denom
   return loss, {"loss": loss, "token_accuracy": acc}
 
 

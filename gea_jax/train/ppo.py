@@ -40,7 +40,7 @@ from flax import nnx
 from gea_jax import config_validation as cv
 from gea_jax.agent.context import AgentContext
 from gea_jax.agent.model import AgentModel, trainable_filter
-from gea_jax.agent.policy import action_scores, sft_loss
+from gea_jax.agent.policy import action_scores, candidate_ids, sft_loss
 from gea_jax.agent.rollout import make_collector, make_reset_pool, sequences
 from gea_jax.agent.sequence import fill_action_ids
 from gea_jax.checkpoint import Checkpointer, abstract_like
@@ -223,13 +223,15 @@ class VlmPPO:
     if sft_batch is not None:
       sft_batch = fill_action_ids(self.ctx.vocab, L, sft_batch)
     kl_coef = float(p.kl_coef)
+    cand = candidate_ids(self.ctx.vocab.mask_table)  # logits over the action ids only (see action_scores)
     if kl_coef > 0:
-      ref_logp, _, _, _ = action_scores(nnx.merge(graphdef, ref_params, rest), L, data, mask_table)
+      ref_logp, _, _, _ = action_scores(nnx.merge(graphdef, ref_params, rest), L, data, mask_table, candidate_ids=cand)
       data["ref_logp"] = jnp.sum(ref_logp * data["token_valid"], 1)
 
     def loss_fn(params, mb, _key):
       model = nnx.merge(graphdef, params, rest)
-      logp_tok, ent_tok, value, _ = action_scores(model, L, mb, mask_table, value_trunk_grad=policy_weight)
+      logp_tok, ent_tok, value, _ = action_scores(model, L, mb, mask_table, value_trunk_grad=policy_weight,
+                                                  candidate_ids=cand)
       logp = jnp.sum(logp_tok * mb["token_valid"], 1)
       entropy = jnp.sum(ent_tok * mb["token_valid"], 1)
       vclip = float(p.value_clip_eps) or None
@@ -244,7 +246,7 @@ class VlmPPO:
         policy_terms = policy_terms + kl_coef * kl
         m.update(kl_to_sft=kl)
       if sft_batch is not None:
-        sl, _ = sft_loss(model, L, sft_batch, mask_table)
+        sl, _ = sft_loss(model, L, sft_batch, mask_table, candidate_ids=cand)
         policy_terms = policy_terms + float(p.sft_coef) * sl
         m.update(sft_loss=sl)
       total = policy_weight * policy_terms + float(p.vf_coef) * m["value_loss"]

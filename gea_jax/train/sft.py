@@ -27,7 +27,7 @@ from gea_jax import config_validation as cv
 from gea_jax import sharding
 from gea_jax.agent.context import AgentContext, load_context
 from gea_jax.agent.model import AgentModel, build_agent, trainable_filter
-from gea_jax.agent.policy import sft_loss
+from gea_jax.agent.policy import candidate_ids, sft_loss
 from gea_jax.agent.sequence import fill_action_ids, sequence_builder
 from gea_jax.checkpoint import Checkpointer, abstract_like
 from gea_jax.reporting import MetricWriter, Progress
@@ -126,13 +126,14 @@ class TrainStep:
     graphdef, self.state = nnx.split((model, optimizer))
     self.mask_table = jax.device_put(vocab.mask_table,
                                      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    cand = candidate_ids(vocab.mask_table)  # logits over the action ids only (same loss, ~C instead of ~V columns)
 
     def step(state, batch, mask_table):
       model, optimizer = nnx.merge(graphdef, state)
       batch = fill_action_ids(vocab, layout, batch)
 
       def loss_fn(model):
-        return sft_loss(model, layout, batch, mask_table)
+        return sft_loss(model, layout, batch, mask_table, candidate_ids=cand)
 
       (_, metrics), grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)(model)
       optimizer.update(model, grads)
