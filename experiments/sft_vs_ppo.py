@@ -64,7 +64,7 @@ def main(argv):
   print(f"SFT: {res.steps} steps ({time.time() - t0:.0f}s)", file=sys.stderr)
   before = {p: _evaluate(config, res.model, res.ctx, names, data_dir, "sft", p) for p in (None, perturb)}
   t0 = time.time()
-  ppo_res = ppo_lib.train(config, workdir, res.model, res.ctx, names, data_dir=data_dir)
+  ppo_res = ppo_lib.train(config, workdir, res.model, res.ctx, ppo_lib.embodiment_names(config), data_dir=data_dir)
   print(f"PPO: {ppo_res.iterations} iterations ({time.time() - t0:.0f}s)", file=sys.stderr)
   after = {p: _evaluate(config, ppo_res.model, res.ctx, names, data_dir, "sft+ppo", p) for p in (None, perturb)}
 

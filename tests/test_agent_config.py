@@ -40,3 +40,16 @@ def test_eval_decoding_greedy_for_continuous_sampled_for_discrete():
   del c.eval["decoding"]
   c.eval.greedy = False  # configs written before eval.decoding
   assert pipeline.eval_decoding(c) is False
+
+
+def test_ppo_embodiments_are_a_subset_of_the_data():
+  from gea_jax.train import ppo
+  c = agent_config()
+  c.data.embodiments = "reacher,grid_goto"
+  assert ppo.embodiment_names(c) == ["reacher", "grid_goto"]  # "" = every embodiment of the data
+  c.ppo.embodiments = "grid_goto"
+  pipeline.validate(c)
+  assert ppo.embodiment_names(c) == ["grid_goto"]
+  c.ppo.embodiments = "grid_goto,pusher"
+  with pytest.raises(ConfigError, match="ppo.embodiments"):
+    pipeline.validate(c)

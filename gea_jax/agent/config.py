@@ -34,6 +34,8 @@ def agent_config():
   c.data.history = 1
   c.data.image_size = 64
   c.data.normalization = "mean_std"
+  # decoded episodes kept per process (LRU); when the dataset is larger, each epoch decodes every episode again
+  c.data.cache_mb = 1024
 
   c.model = ml_collections.ConfigDict()
   c.model.train_mode = "full"     # "lora" | "full" | "frozen" (frozen LLM, train the rest: LLaRP)

@@ -46,6 +46,8 @@ def validate(config) -> None:
   cv.require(bool(names), "data.embodiments", "must name at least one embodiment")
   for e in names:
     cv.require(e in registry.names(), "data.embodiments", f"unknown embodiment (known: {', '.join(registry.names())})", e)
+  for e in [e for e in str(config.ppo.get("embodiments", "")).split(",") if e]:
+    cv.require(e in names, "ppo.embodiments", f"must be some of data.embodiments ({', '.join(names)})", e)
 
 
 def embodiment_names(config) -> list[str]:
@@ -161,7 +163,8 @@ def run(config, workdir: str) -> dict:
   if int(config.ppo.iterations) > 0:
     logging.info("[5/5] online PPO from the SFT agent")
     from gea_jax.train import ppo as ppo_lib
-    ppo_res = ppo_lib.train(config, workdir, result.model, result.ctx, names, data_dir=data_dir)
+    ppo_res = ppo_lib.train(config, workdir, result.model, result.ctx, ppo_lib.embodiment_names(config),
+                            data_dir=data_dir)
     ppo_rows = evaluate_rows(config, ppo_res.model, result.ctx, names, data_dir, stage="sft+ppo")
     tables["closed-loop success (held-out), SFT + PPO"] = ppo_rows
     curves.update({k: v for k, v in ppo_res.curves.items() if k.endswith(("/loss", "success_rate", "reward_per_step"))})

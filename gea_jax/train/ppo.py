@@ -324,7 +324,8 @@ def train(config, workdir: str, model: AgentModel, ctx: AgentContext, embodiment
     data_dir = data_dir or str(config.data.data_dir)
     if not data_dir:
       raise ValueError("ppo.sft_coef > 0 needs the expert datasets: pass data_dir or set data.data_dir")
-    sft_iterator = sft_lib.make_iterator(config, ctx, data_dir, names, batch_size=int(p.sft_batch_size),
+    # expert data of every embodiment the agent knows, not only those PPO acts in: it keeps what SFT taught
+    sft_iterator = sft_lib.make_iterator(config, ctx, data_dir, list(ctx.names), batch_size=int(p.sft_batch_size),
                                          seed=int(config.seed) + 1)
   learner = VlmPPO(p, ctx, model, wrt, names, seed=int(config.seed), sft_iterator=sft_iterator)
   n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(learner.params))

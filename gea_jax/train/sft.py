@@ -189,7 +189,7 @@ def make_iterator(config, ctx: AgentContext, data_dir: str, embodiments, *, batc
                              history=int(config.data.history), tokenize=sequence_builder(ctx, embodiments),
                              seed=int(config.seed if seed is None else seed), split="train",
                              num_workers=int(s.num_workers), image_size=ctx.image_size,
-                             normalization=ctx.normalization)
+                             normalization=ctx.normalization, cache_mb=int(config.data.get("cache_mb", 256)))
 
 
 @dataclasses.dataclass
