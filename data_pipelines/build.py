@@ -57,7 +57,7 @@ def _default_rollout() -> RolloutFn:
 
 
 def build(embodiments: Sequence[str], episodes: int, data_dir: str, *, seed: int = 0, heldout_episodes: int | None = None,
-          splits: Sequence[str] | None = None, chunk: int = 16, overwrite: bool = False, progress: bool = True,
+          splits: Sequence[str] | None = None, chunk: int = 32, overwrite: bool = False, progress: bool = True,
           rollout: RolloutFn | None = None) -> dict[str, Any]:
   """Builds one dataset per embodiment; returns a summary (paths, episode counts, expert success rates)."""
   import tensorflow_datasets as tfds
@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--heldout_episodes", type=int, default=None, help="episodes per held-out split (default episodes//10)")
   p.add_argument("--splits", "--split", default=None,
                  help=f"comma-separated subset of {','.join(SPLITS)} (default: every split the embodiment has)")
-  p.add_argument("--chunk", type=int, default=16, help="episodes per expert rollout call")
+  p.add_argument("--chunk", type=int, default=32, help="episodes per expert rollout call (32: the rollout batch, no padding)")
   p.add_argument("--overwrite", action="store_true")
   p.add_argument("--no_progress", action="store_true")
   a = p.parse_args(argv)

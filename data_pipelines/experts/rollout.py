@@ -35,12 +35,11 @@ def _freeze(done, new, old):
 
 
 @functools.lru_cache(maxsize=32)
-def _program(env_name: str, expert: Expert, task_split: str, num_steps: int, planned: bool):
+def _program(env_name: str, expert: Expert, num_steps: int, planned: bool):
+  """Jitted scan of ``num_steps`` expert steps from reset states ``s0`` (one program for every task split)."""
   env = registry.make(env_name)
 
-  def run(keys, plans):
-    s0 = jax.vmap(lambda k: env.reset(k, task_split))(keys)
-
+  def run(s0, keys, plans):
     def body(s, t):
       if planned:
         a = plans[:, t]
@@ -50,7 +49,7 @@ def _program(env_name: str, expert: Expert, task_split: str, num_steps: int, pla
       return s2, (s.obs, a, s2.reward, s2.done, s2.terminal, s2.success)
 
     s_last, traj = jax.lax.scan(body, s0, jnp.arange(num_steps))
-    return s0, s_last, traj
+    return s_last, traj
 
   return jax.jit(run)
 
@@ -87,24 +86,24 @@ def rollout(name: str, num_episodes: int, seed: int = 0, task_split: str = "trai
   num_steps = env.spec.max_episode_steps
   if batch_size < 1:
     raise ValueError(f"rollout: batch_size must be >= 1, got {batch_size}")
-  batch = batch_size  # fixed (the last batch is padded): one compiled program per (env, split, batch)
-  program = _program(name, expert, task_split, num_steps, planned)
+  batch = batch_size  # fixed (the last batch is padded): one compiled program per (env, batch), any split
+  program = _program(name, expert, num_steps, planned)
   discrete = not env.spec.action_space.is_continuous
   family = getattr(env, "task_family", "") or name
-  reset = _batched_reset(name, task_split) if planned else None
+  reset = _batched_reset(name, task_split)
   episodes = []
   for start in range(0, num_episodes, batch):
     seeds = np.arange(start, start + batch) + seed
     n_real = min(batch, num_episodes - start)
     seeds[n_real:] = seeds[0]  # pad the last batch (same shapes, one compiled program)
     keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds))
+    s0 = reset(keys)
     if planned:
-      s0 = reset(keys)
       plans = [expert.plan(jax.tree_util.tree_map(lambda x, i=i: x[i], s0)) for i in range(batch)]
       plan_arr = jnp.asarray(_pad_plans(plans, num_steps, filler=2))
     else:
       plan_arr = jnp.zeros((batch, num_steps), jnp.int32)
-    s0, s_last, (obs, act, rew, done, term, succ) = program(keys, plan_arr)
+    s_last, (obs, act, rew, done, term, succ) = program(s0, keys, plan_arr)
     instr = env.instruction(s0)
     obs, act, rew, done, term, succ = jax.device_get((obs, act, rew, done, term, succ))
     last_obs = jax.device_get(s_last.obs)
