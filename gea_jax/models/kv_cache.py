@@ -2,7 +2,9 @@
 
 Slots are filled left to right, the same number per row each call (``index``); per row the cache
 tracks which slots hold real tokens (``valid``, so left- or right-padded prompts work) and the RoPE
-position of the row's next real token (``next_position``).
+position of the row's next real token (``next_position``). Keys / values are stored heads-major
+([batch, kv_heads, max_len, head_dim]), the layout attention contracts them in, so a cached pass does not
+transpose the whole cache of every layer (only its new tokens' keys / values).
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ from flax import struct
 
 from gea_jax.sharding import constrain
 
-CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")
+CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
 
 
 @struct.dataclass
 class KVCache:
-  keys: tuple[jax.Array, ...]  # per layer [batch, max_len, kv_heads, head_dim]
+  keys: tuple[jax.Array, ...]  # per layer [batch, kv_heads, max_len, head_dim]
   values: tuple[jax.Array, ...]
   valid: jax.Array  # [batch, max_len] bool: slot holds a real (non-padding) token
   next_position: jax.Array  # [batch] int32: RoPE position of the next real token
@@ -29,7 +31,7 @@ class KVCache:
              dtype=jnp.float32) -> "KVCache":
     if batch <= 0 or max_len <= 0:
       raise ValueError(f"KVCache: batch and max_len must be positive, got batch={batch}, max_len={max_len}")
-    shape = (batch, max_len, kv_heads, head_dim)
+    shape = (batch, kv_heads, max_len, head_dim)
     zeros = lambda: constrain(jnp.zeros(shape, dtype), CACHE_AXES)
     return cls(keys=tuple(zeros() for _ in range(num_layers)), values=tuple(zeros() for _ in range(num_layers)),
                valid=jnp.zeros((batch, max_len), bool), next_position=jnp.zeros((batch,), jnp.int32),
@@ -57,8 +59,9 @@ class KVCache:
 
 
 def update_layer(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array):
-  """Write k, v [batch, seq, kv_heads, head_dim] into the layer's slots [index, index + seq)."""
-  start = (0, index, 0, 0)
-  cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
-  cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+  """Write k, v [batch, seq, kv_heads, head_dim] into the layer's slots [index, index + seq) (the cache is
+  heads-major: [batch, kv_heads, max_len, head_dim])."""
+  start = (0, 0, index, 0)
+  cache_k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 1, 3).astype(cache_k.dtype), start)
+  cache_v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype), start)
   return constrain(cache_k, CACHE_AXES), constrain(cache_v, CACHE_AXES)

@@ -165,22 +165,22 @@ class Attention(nnx.Module):
     v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
     k = apply_rope(k, cos, sin)
     new_kv = None
-    if kv_cache is not None:
+    if kv_cache is not None:  # the cache is heads-major: k, v [b, kv_heads, t, hd]
       k, v = update_layer(kv_cache[0], kv_cache[1], k, v, index)
       new_kv = (k, v)
       k, v = k.astype(dt), v.astype(dt)
+    else:
+      k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     if keep_last is not None:
       if keep_last == 0:
         return jnp.zeros((b, 0, x.shape[-1]), x.dtype), new_kv
       cos, sin, mask = cos[:, s - keep_last:], sin[:, s - keep_last:], mask[:, s - keep_last:]
       s = keep_last
     q = apply_rope(q, cos, sin)
-    t = k.shape[1]
+    t = k.shape[2]
     kv, g, hd = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
     # GQA with the query groups folded into the rows: per KV head one [g*s, hd] x [hd, t] matmul.
     q = (q * jnp.asarray(hd ** -0.5, dt)).reshape(b, s, kv, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * s, hd)
-    k = k.transpose(0, 2, 1, 3)
-    v = v.transpose(0, 2, 1, 3)
     scores = jnp.einsum("bkqd,bktd->bkqt", q, k, preferred_element_type=jnp.float32).reshape(b, kv, g, s, t)
     scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(b, kv, g * s, t)
