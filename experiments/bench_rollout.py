@@ -9,8 +9,9 @@ Three decoders:
 * "kv_cache" (the collector's default): the KV cache of the text part (embodiment prompt + instruction,
   ``text_len`` slots) is computed once per collect call and carried across env steps in the scan; on a step
   where some env was reset it is recomputed for the reset rows (`refresh_prefix_rows`). Per env step only
-  the frame part of the prompt (history frames + current frame) runs on top of a copy of it, then one
-  cached step per further action token (`decode_action_tokens(..., prefix_cache=...)`);
+  the frame part of the prompt (history frames + current frame) runs on top of it (writing its slots in place
+  into the carried buffers, `reuse_prefix_buffers`), then one cached step per further action token
+  (`decode_action_tokens(..., prefix_cache=...)`);
 * "per_step_cache": the whole prompt runs every env step, then one cached step per further action token
   (`decode_action_tokens` without a prefix, ``make_collector(..., prefix_cache=False)``);
 * "recompute": the whole sequence re-runs for every action token (`decode_without_cache`).

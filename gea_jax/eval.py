@@ -60,7 +60,8 @@ def text_prompts(ctx: AgentContext, e: int, instructions: Sequence[str]) -> tupl
   return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
 
 
-def make_policy_step(ctx: AgentContext, e: int, *, greedy: bool, temperature: float = 1.0, decode_fn=None):
+def make_policy_step(ctx: AgentContext, e: int, *, greedy: bool, temperature: float = 1.0, decode_fn=None,
+                     return_cache: bool = False):
   """A jittable fn(model, buffers, obs, text_ids, text_mask, key, mask_table, prefix_cache=None) -> (env action,
   tokens, logp, value, buffers'). ``mask_table`` (``vocab.mask_table``) is an argument, not a closed-over
   constant, so XLA does not try to constant-fold the masked softmax. ``prefix_cache``: the
@@ -68,7 +69,8 @@ def make_policy_step(ctx: AgentContext, e: int, *, greedy: bool, temperature: fl
   (the whole prompt). ``decode_fn`` replaces `decode_action_tokens` (same signature; it is passed
   ``prefix_cache=`` only when one is given, and always ``candidate_ids=``, the action ids of
   ``ctx.vocab.mask_table`` (`policy.candidate_ids`; ``mask_table`` must allow no other id); e.g. the no-cache
-  reference decoder of `gea_jax.agent.rollout`)."""
+  reference decoder of `gea_jax.agent.rollout`). ``return_cache``: also return the decoder's final KV cache
+  (`Decoded.cache`; None for decoders without one) as a sixth output."""
   decode_fn = decode_fn or decode_action_tokens
   L, vocab = ctx.layout, ctx.vocab
   cand = candidate_ids(vocab.mask_table)  # logits only over the action ids
@@ -108,6 +110,8 @@ def make_policy_step(ctx: AgentContext, e: int, *, greedy: bool, temperature: fl
     if L.history:
       new_hist = jnp.concatenate([buffers.hist_ids[:, 1:], dec.tokens[:, None]], axis=1)
       buffers = dataclasses.replace(buffers, hist_ids=new_hist)
+    if return_cache:
+      return env_action, dec.tokens, dec.logp, dec.value, buffers, getattr(dec, "cache", None)
     return env_action, dec.tokens, dec.logp, dec.value, buffers
 
   return step

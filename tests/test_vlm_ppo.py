@@ -17,7 +17,8 @@ from test_sft import EMBODIMENTS, tiny_config
 
 from gea_jax.agent.context import load_context
 from gea_jax.agent.model import build_agent
-from gea_jax.agent.policy import action_scores, candidate_ids, decode_action_tokens, text_prefix_cache
+from gea_jax.agent.policy import (action_scores, candidate_ids, decode_action_tokens, reuse_prefix_buffers,
+                                  text_prefix_cache)
 from gea_jax.agent.prompt import assemble
 from gea_jax.agent.rollout import decode_without_cache, make_collector, make_reset_pool, refresh_prefix_rows
 from gea_jax.envs import registry
@@ -142,6 +143,32 @@ def test_text_prefix_cache_decoding_equals_whole_prompt(assets, greedy):
   other = text_prefix_cache(model, L, jnp.asarray(np.roll(text, 1, 0)), jnp.asarray(np.roll(tmask, 1, 0)))
   wrong = dec(model, prompt, jax.random.key(5), other)
   assert not np.allclose(np.asarray(wrong.logp), np.asarray(whole.logp), atol=1e-3)
+
+
+def test_prefix_cache_with_the_last_decisions_buffers_decodes_the_same(assets):
+  """The collector carries the buffers a decision wrote (`reuse_prefix_buffers`): their frame / action slots hold
+  the previous decision's keys and values, yet the next decision equals one on the fresh text cache."""
+  _, ctx, model = _setup(assets, "full")
+  L = ctx.layout
+  prompt, tok_valid, (text, tmask, _, _) = _prompts(ctx, n=8, seed=3)
+  mask_table = jnp.asarray(ctx.vocab.mask_table)
+  prefix = nnx.jit(lambda m, t, tm: text_prefix_cache(m, L, t, tm))(model, jnp.asarray(text), jnp.asarray(tmask))
+  dec = nnx.jit(lambda m, p, k, c: decode_action_tokens(m, L, p, mask_table, tok_valid, k, greedy=False,
+                                                        prefix_cache=c))
+  first = dec(model, prompt, jax.random.key(1), prefix)
+  assert first.cache is not None and int(first.cache.index) == L.prompt_len + L.action_tokens - 1
+  stale = reuse_prefix_buffers(prefix, first.cache)
+  for a, b in zip(stale.keys, prefix.keys):  # text slots unchanged, the decision's slots written
+    np.testing.assert_array_equal(np.asarray(a)[:, :, :L.text_len], np.asarray(b)[:, :, :L.text_len])
+    assert not np.allclose(np.asarray(a)[:, :, L.text_len:], 0.0)
+  np.testing.assert_array_equal(np.asarray(stale.valid), np.asarray(prefix.valid))
+  # the next decision: same texts, other frames and states
+  nxt = dict(prompt, image=jnp.roll(prompt["image"], 1, axis=0), state=prompt["state"] + 0.5)
+  fresh, reused = dec(model, nxt, jax.random.key(2), prefix), dec(model, nxt, jax.random.key(2), stale)
+  np.testing.assert_array_equal(np.asarray(reused.tokens), np.asarray(fresh.tokens))
+  np.testing.assert_allclose(np.asarray(reused.logp), np.asarray(fresh.logp), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(reused.value), np.asarray(fresh.value), atol=1e-6)
+  assert not np.allclose(np.asarray(fresh.value), np.asarray(first.value), atol=1e-4)  # the frames matter
 
 
 @pytest.mark.parametrize("greedy", [True, False])

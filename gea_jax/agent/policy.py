@@ -114,6 +114,7 @@ class Decoded(NamedTuple):
   tokens: jax.Array     # [b, T] sampled ids (pad where the embodiment uses fewer tokens)
   logp: jax.Array       # [b] sum of the used tokens' log-probs
   value: jax.Array      # [b] value estimate at the prompt (zeros without a value head)
+  cache: KVCache | None = None  # `decode_action_tokens`: the KV cache after the last action-token step
 
 
 def text_prefix_cache(model, layout: PromptLayout, text_ids: jax.Array, text_mask: jax.Array) -> KVCache:
@@ -155,7 +156,9 @@ def decode_action_tokens(model, layout: PromptLayout, prompt, mask_table, token_
   prompt: input_ids/attention_mask/positions of length prompt_len, image, state, embodiment_id.
   token_valid: bool [b, T] which positions the row's embodiment uses.
   prefix_cache: `text_prefix_cache` of the prompt's text part (the caller keeps them in sync): only the
-    frame part (slots text_len..prompt_len) is run, on top of it. None: the whole prompt is run.
+    frame part (slots text_len..prompt_len) is run, on top of it. None: the whole prompt is run. Its slots from
+    text_len on may hold anything (e.g. the previous decision's keys / values: see `reuse_prefix_buffers`) as
+    long as they are not ``valid``: they are written before they are read.
   candidate_ids: `candidate_ids(mask_table)` (static): logits only over the action ids (see `sample_token`).
   """
   b, n = prompt["input_ids"].shape
@@ -188,4 +191,17 @@ def decode_action_tokens(model, layout: PromptLayout, prompt, mask_table, token_
       step = model.llm.forward(tok[:, None], attention_mask=used[:, None].astype(jnp.int32), cache=cache,
                                compute_logits=False)
       cache, h = step.cache, step.hidden_states
-  return Decoded(jnp.stack(tokens, 1), total, value)
+  return Decoded(jnp.stack(tokens, 1), total, value, cache)
+
+
+def reuse_prefix_buffers(prefix_cache: KVCache, used: KVCache) -> KVCache:
+  """``prefix_cache`` (a `text_prefix_cache`) holding the key / value buffers of ``used``, the cache a decision
+  returned (`Decoded.cache`) on top of it.
+
+  ``used`` has the same text slots (decoding only writes slots from text_len on) plus the decision's frame and
+  action slots; with ``prefix_cache``'s ``valid`` / ``next_position`` / ``index`` those are not valid, so the next
+  decision overwrites them before reading them, and decodes exactly as on ``prefix_cache``. Carrying these
+  buffers across env steps (instead of ``prefix_cache``'s) lets XLA write each decision's slots in place rather
+  than copy the whole cache of every layer per decision.
+  """
+  return prefix_cache.replace(keys=used.keys, values=used.values)

@@ -11,7 +11,9 @@ rebuild the full teacher-forced sequence (prompt + the sampled action ids) with 
 By default the KV cache of the prompt's text part (`text_prefix_cache`) is carried in the scan: it is
 computed for all envs before the scan and recomputed for the reset rows only (`refresh_prefix_rows`, in
 chunks of a few rows) on the steps where some env was reset, so most steps run only the frame part of the
-prompt plus the action tokens. ``prefix_cache=False`` runs the whole prompt every step (the per-step cache).
+prompt plus the action tokens. The carried cache holds the buffers the last decision wrote its frame and action
+slots into (`reuse_prefix_buffers`: not valid, overwritten by the next decision), so XLA writes them in place.
+``prefix_cache=False`` runs the whole prompt every step (the per-step cache).
 
 `decode_without_cache` is the reference decoder (recompute the whole context for every action token),
 used by the KV-cache tests and the rollout benchmark.
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from gea_jax.agent.context import AgentContext
-from gea_jax.agent.policy import Decoded, sample_token, text_prefix_cache
+from gea_jax.agent.policy import Decoded, reuse_prefix_buffers, sample_token, text_prefix_cache
 from gea_jax.agent.prompt import PromptLayout, assemble
 from gea_jax.eval import init_buffers, instructions_of, make_policy_step, text_prompts
 from gea_jax.models.kv_cache import KVCache
@@ -127,7 +129,7 @@ def make_collector(ctx: AgentContext, e: int, env, num_steps: int, *, greedy: bo
   the built-in decoder, False with a ``decode_fn`` (which must then accept ``prefix_cache=`` if set True).
   ``prefix_chunk``: rows per prefix recomputation after resets (`refresh_prefix_rows`; default ceil(N / 4)).
   """
-  policy = make_policy_step(ctx, e, greedy=greedy, temperature=temperature, decode_fn=decode_fn)
+  policy = make_policy_step(ctx, e, greedy=greedy, temperature=temperature, decode_fn=decode_fn, return_cache=True)
   spec = ctx.specs[e]
   L = ctx.layout
   use_prefix = decode_fn is None if prefix_cache is None else bool(prefix_cache)
@@ -147,8 +149,10 @@ def make_collector(ctx: AgentContext, e: int, env, num_steps: int, *, greedy: bo
 
     def step(carry, k):
       env_state, buffers, text_ids, text_mask, used, prefix = carry
-      action, tokens, logp, value, new_buffers = policy(model, buffers, env_state.obs, text_ids, text_mask, k,
-                                                        mask_table, prefix)
+      action, tokens, logp, value, new_buffers, used_cache = policy(model, buffers, env_state.obs, text_ids,
+                                                                    text_mask, k, mask_table, prefix)
+      if use_prefix and used_cache is not None:  # carry the written buffers: in-place slot writes, no copy
+        prefix = reuse_prefix_buffers(prefix, used_cache)
       nxt = jax.vmap(env.step)(env_state, action)
       done = nxt.done
       out = Trajectory(images=new_buffers.images, states=new_buffers.states, frame_valid=new_buffers.frame_valid,
@@ -169,7 +173,7 @@ def make_collector(ctx: AgentContext, e: int, env, num_steps: int, *, greedy: bo
     k_steps, k_boot = jax.random.split(key)
     carry, traj = jax.lax.scan(step, carry0, jax.random.split(k_steps, num_steps))
     env_state, buffers, text_ids, text_mask, _, prefix = carry
-    _, _, _, boot, _ = policy(model, buffers, env_state.obs, text_ids, text_mask, k_boot, mask_table, prefix)
+    boot = policy(model, buffers, env_state.obs, text_ids, text_mask, k_boot, mask_table, prefix)[3]
     return traj, boot
 
   collect.spec = spec
