@@ -10,13 +10,22 @@ whole prompt (per-step cache), the whole sequence (one recompute pass), the logi
 vocabulary / action ids only), RVQ decoding, and one whole policy step / collector step (total / steps,
 including the prefix, resets and the bootstrap value) per variant.
 Pieces overlap (the policy step contains the encoder, ...), so they do not sum to the step.
+
+``--trace DIR``: also run the kv_cache collector (as the benchmark calls it) under `jax.profiler` and print its
+XLA ops' time per call, grouped by (inside the scan or not, op kind, leading dimension): 136 = the frame pass
+(N x 17 tokens), 8 = N rows (action-token steps, attention, env), 320 = the text prefix. On 2 shared cores the
+two XLA threads rarely overlap, so the sum is close to the call's wall time.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
+import glob
+import gzip
 import json
+import re
 import statistics
 import time
 
@@ -127,9 +136,35 @@ def profile_env(args, ctx, model, graphdef, state, mask_table, name: str) -> dic
   return r
 
 
+def op_breakdown(f, args_, trace_dir: str, calls: int = 2) -> dict[str, float]:
+  """ms per call of the XLA ops of jitted ``f(*args_)``, grouped by (scan body / main, op kind, leading dim)."""
+  jax.block_until_ready(f(*args_))
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    for _ in range(calls):
+      jax.block_until_ready(f(*args_))
+  info = {}
+  for line in f.lower(*args_).compile().as_text().splitlines():
+    m = re.match(r"\s+(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\(", line)
+    if m:
+      meta = re.search(r'op_name="([^"]*)"', line)
+      info[m.group(1)] = (m.group(2), meta.group(1) if meta else m.group(3))
+  events = json.load(gzip.open(sorted(glob.glob(f"{trace_dir}/plugins/profile/*/perfetto_trace.json.gz"))[-1]))
+  out = collections.defaultdict(float)
+  for ev in events["traceEvents"]:
+    if ev.get("ph") != "X" or ev["name"] not in info:
+      continue
+    shape, op = info[ev["name"]]
+    dims = re.findall(r"\[([\d,]*)\]", shape)
+    kind = op.split("/")[-1]
+    where = "scan" if "while/body" in op else "main"
+    out[f"{where}/{kind}/{dims[0].split(',')[0] if dims else '-'}"] += ev.get("dur", 0) / 1e3 / calls
+  return dict(sorted(((k, round(v, 1)) for k, v in out.items() if v >= 1.0), key=lambda kv: -kv[1]))
+
+
 def main():
   ap = bench_rollout.model_arguments(argparse.ArgumentParser())
   ap.add_argument("--reps", type=int, default=10)
+  ap.add_argument("--trace", default=None, help="directory: also print the kv_cache collector's XLA op breakdown")
   args = ap.parse_args()
   ctx, model, names = bench_rollout.build(args)
   L = ctx.layout
@@ -142,6 +177,16 @@ def main():
     r = profile_env(args, ctx, model, graphdef, state, mask_table, name)
     out[name] = {k: round(v, 2) for k, v in r.items()}
     print(name, json.dumps(out[name]))
+    if args.trace:
+      env, e = registry.make(name), ctx.index(name)
+      pool = make_reset_pool(env, ctx, e, jax.random.key(1), args.envs * 3)
+      collect = make_collector(ctx, e, env, args.steps, greedy=False)
+
+      def run(s, p, k, mt, collect=collect):  # what the benchmark times (XLA drops the unused outputs)
+        traj = collect(nnx.merge(graphdef, s), p, args.envs, k, mt)[0]
+        return traj.logp, jnp.sum(traj.termination | traj.truncation, axis=1)
+      ops = op_breakdown(jax.jit(run), (state, pool, jax.random.key(1), mask_table), f"{args.trace}/{name}")
+      print(name, "kv_cache collector, XLA op ms per call:", json.dumps(ops))
   print(json.dumps(out))
 
 
