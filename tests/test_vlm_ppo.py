@@ -17,8 +17,13 @@ from test_sft import EMBODIMENTS, tiny_config
 
 from gea_jax.agent.context import load_context
 from gea_jax.agent.model import build_agent
-from gea_jax.agent.policy import (action_scores, candidate_ids, decode_action_tokens, reuse_prefix_buffers,
-                                  text_prefix_cache)
+from gea_jax.agent.policy import (
+  action_scores,
+  candidate_ids,
+  decode_action_tokens,
+  reuse_prefix_buffers,
+  text_prefix_cache,
+)
 from gea_jax.agent.prompt import assemble
 from gea_jax.agent.rollout import decode_without_cache, make_collector, make_reset_pool, refresh_prefix_rows
 from gea_jax.envs import registry
