@@ -53,3 +53,11 @@ def test_ppo_embodiments_are_a_subset_of_the_data():
   c.ppo.embodiments = "grid_goto,pusher"
   with pytest.raises(ConfigError, match="ppo.embodiments"):
     pipeline.validate(c)
+
+
+def test_data_cache_mb_must_be_a_positive_number():
+  c = agent_config()
+  for bad in (0, -64):
+    c.data.cache_mb = bad
+    with pytest.raises(ConfigError, match="data.cache_mb"):
+      pipeline.validate(c)

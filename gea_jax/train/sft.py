@@ -66,6 +66,8 @@ def validate_sft(config) -> None:
   cv.in_range(config, f"{s}.min_lr_ratio", 0.0, 1.0)
   cv.positive(config, f"{s}.weight_decay", allow_zero=True)
   cv.positive(config, f"{s}.num_workers", allow_zero=True)
+  if "cache_mb" in config.data:
+    cv.positive(config, "data.cache_mb")
   cv.check_mesh(config)
   n = jax.device_count()
   try:
