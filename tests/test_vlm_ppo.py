@@ -81,24 +81,28 @@ def _prompts(ctx, n=6, seed=0):
   return p, jnp.asarray(tok_valid), (text, tmask, fvalid, hist)
 
 
-def test_sampled_logp_equals_teacher_forced(assets):
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_sampled_logp_equals_teacher_forced(assets, temperature):
+  """At any sampling temperature: what PPO's update re-scores is the log-prob the collector sampled with."""
   _, ctx, model = _setup(assets)
   L = ctx.layout
   assert max(ctx.tokens_per_action()) > 1  # several tokens per action: the sum over tokens is exercised
   prompt, tok_valid, (text, tmask, fvalid, hist) = _prompts(ctx)
   mask_table = jnp.asarray(ctx.vocab.mask_table)
-  dec = nnx.jit(lambda m, p, k: decode_action_tokens(m, L, p, mask_table, tok_valid, k, greedy=False))(
-      model, prompt, jax.random.key(3))
+  dec = nnx.jit(lambda m, p, k: decode_action_tokens(m, L, p, mask_table, tok_valid, k, greedy=False,
+                                                     temperature=temperature))(model, prompt, jax.random.key(3))
   seq = assemble(L, jnp, jnp.asarray(text), jnp.asarray(tmask), jnp.asarray(fvalid), jnp.asarray(hist), tok_valid,
                  target_action_ids=dec.tokens)
   seq.update(image=prompt["image"], state=prompt["state"], embodiment_id=prompt["embodiment_id"])
-  logp_tok, ent_tok, value, greedy = nnx.jit(lambda m, b: action_scores(m, L, b, mask_table))(model, seq)
+  logp_tok, ent_tok, value, greedy = nnx.jit(
+      lambda m, b: action_scores(m, L, b, mask_table, temperature=temperature))(model, seq)
   tf_logp = jnp.sum(jnp.where(tok_valid, logp_tok, 0.0), 1)
   np.testing.assert_allclose(np.asarray(dec.logp), np.asarray(tf_logp), atol=1e-5)
   np.testing.assert_allclose(np.asarray(dec.value), np.asarray(value), atol=1e-5)
   # scoring over the action ids only (the trainers' path) gives the same log-probs, entropies and greedy ids
   cand = candidate_ids(ctx.vocab.mask_table)
-  c_logp, c_ent, _, c_greedy = nnx.jit(lambda m, b: action_scores(m, L, b, mask_table, candidate_ids=cand))(model, seq)
+  c_logp, c_ent, _, c_greedy = nnx.jit(
+      lambda m, b: action_scores(m, L, b, mask_table, candidate_ids=cand, temperature=temperature))(model, seq)
   v = np.asarray(tok_valid)
   np.testing.assert_allclose(np.asarray(c_logp)[v], np.asarray(logp_tok)[v], atol=1e-5)
   np.testing.assert_allclose(np.asarray(c_ent)[v], np.asarray(ent_tok)[v], atol=1e-5)

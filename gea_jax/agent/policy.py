@@ -48,7 +48,8 @@ def candidate_ids(mask_table) -> np.ndarray:
   return np.nonzero(np.asarray(mask_table).any(axis=(0, 1)))[0].astype(np.int32)
 
 
-def action_scores(model, layout: PromptLayout, batch, mask_table, value_trunk_grad=None, candidate_ids=None):
+def action_scores(model, layout: PromptLayout, batch, mask_table, value_trunk_grad=None, candidate_ids=None,
+                  temperature: float = 1.0):
   """Teacher-forced pass over full sequences: per-token log-probs [b,T], entropy [b,T], value [b], greedy ids [b,T].
 
   batch holds input_ids/attention_mask/positions/targets/image/state/embodiment_id (action ids filled).
@@ -56,6 +57,8 @@ def action_scores(model, layout: PromptLayout, batch, mask_table, value_trunk_gr
   value loss trains the value head only, as in PPO's value warm-up).
   candidate_ids: `candidate_ids(mask_table)` (static, sorted): logits only over the action ids, the same
   log-probs, entropy and greedy ids as over the whole vocabulary (the others are masked to exp(-1e9) = 0).
+  temperature: log-probs and entropy of the policy that samples at this temperature (`sample_token`'s), as PPO
+  must score the actions its collector drew; greedy ids do not depend on it.
   """
   slots = layout.slots()
   out = model.forward(batch["input_ids"], batch["image"], batch["state"], batch["attention_mask"],
@@ -63,6 +66,9 @@ def action_scores(model, layout: PromptLayout, batch, mask_table, value_trunk_gr
   logit_pos = jnp.asarray(slots["logit_pos"])
   h = out.hidden_states[:, logit_pos]
   logits = masked_logits(model, h, batch["embodiment_id"], mask_table, candidate_ids=candidate_ids)
+  valid = logits > _NEG / 2
+  if temperature != 1.0:
+    logits = jnp.where(valid, logits / temperature, _NEG)
   logp_all = jax.nn.log_softmax(logits, axis=-1)
   tgt = batch["targets"][:, logit_pos]
   greedy = jnp.argmax(logits, -1)
@@ -72,7 +78,7 @@ def action_scores(model, layout: PromptLayout, batch, mask_table, value_trunk_gr
     greedy = cand[greedy]
   logp = jnp.take_along_axis(logp_all, tgt[..., None], axis=-1)[..., 0]
   probs = jnp.exp(logp_all)
-  entropy = -jnp.sum(jnp.where(logits > _NEG / 2, probs * logp_all, 0.0), axis=-1)
+  entropy = -jnp.sum(jnp.where(valid, probs * logp_all, 0.0), axis=-1)
   value = None
   if model.vlm.value_head is not None:
     hv = out.hidden_states[:, layout.prompt_len - 1]

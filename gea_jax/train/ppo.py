@@ -224,14 +224,16 @@ class VlmPPO:
       sft_batch = fill_action_ids(self.ctx.vocab, L, sft_batch)
     kl_coef = float(p.kl_coef)
     cand = candidate_ids(self.ctx.vocab.mask_table)  # logits over the action ids only (see action_scores)
+    temp = float(p.temperature)  # the collector's sampling temperature: score the policy that drew the actions
     if kl_coef > 0:
-      ref_logp, _, _, _ = action_scores(nnx.merge(graphdef, ref_params, rest), L, data, mask_table, candidate_ids=cand)
+      ref_logp, _, _, _ = action_scores(nnx.merge(graphdef, ref_params, rest), L, data, mask_table, candidate_ids=cand,
+                                        temperature=temp)
       data["ref_logp"] = jnp.sum(ref_logp * data["token_valid"], 1)
 
     def loss_fn(params, mb, _key):
       model = nnx.merge(graphdef, params, rest)
       logp_tok, ent_tok, value, _ = action_scores(model, L, mb, mask_table, value_trunk_grad=policy_weight,
-                                                  candidate_ids=cand)
+                                                  candidate_ids=cand, temperature=temp)
       logp = jnp.sum(logp_tok * mb["token_valid"], 1)
       entropy = jnp.sum(ent_tok * mb["token_valid"], 1)
       vclip = float(p.value_clip_eps) or None
