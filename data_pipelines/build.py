@@ -8,6 +8,9 @@ episodes; normalization statistics of the train split are saved beside the data.
 dataset appears atomically (TFDS renames its incomplete dir when done); an existing one is kept unless
 `--overwrite`. Episodes come from `data_pipelines.experts.rollout(name, num_episodes, seed, task_split)`,
 asked for in chunks of `--chunk` so that the progress bar moves and memory stays bounded.
+`--action_noise=reacher=0.3` makes the train split's demonstrations DART-style (the env executes the expert's
+action plus Gaussian noise, the episode records the clean action; held-out splits stay noise-free); the noise is
+recorded in the dataset's build_args, and keeping an existing dataset built with another noise is an error.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from data_pipelines.rlds_builder import SPLITS, build_dataset, dataset_path
+from data_pipelines.rlds_builder import _read_json as read_json
 
 RolloutFn = Callable[[str, int, int, str], Sequence[dict[str, Any]]]
 
@@ -56,10 +60,35 @@ def _default_rollout() -> RolloutFn:
   return experts.rollout
 
 
+def parse_action_noise(spec: str) -> dict[str, float]:
+  """"reacher=0.3,pusher=0.2" -> {"reacher": 0.3, "pusher": 0.2} (std of the executed-action noise)."""
+  out: dict[str, float] = {}
+  for item in (x.strip() for x in str(spec or "").split(",") if x.strip()):
+    name, sep, value = item.partition("=")
+    try:
+      noise = float(value) if sep else -1.0
+    except ValueError:
+      noise = -1.0
+    if not name.strip() or noise < 0:
+      raise ValueError(f"action_noise: expected 'embodiment=std' entries (std >= 0) separated by commas, got {item!r}")
+    out[name.strip()] = noise
+  return out
+
+
+def _noisy(rollout: RolloutFn, noise: float) -> RolloutFn:
+  """`rollout` with DART noise on the train split only (held-out splits are clean references)."""
+  if noise <= 0:
+    return rollout
+  return lambda name, n, seed, split: rollout(name, n, seed, split, action_noise=noise if split == "train" else 0.0)
+
+
 def build(embodiments: Sequence[str], episodes: int, data_dir: str, *, seed: int = 0, heldout_episodes: int | None = None,
           splits: Sequence[str] | None = None, chunk: int = 32, overwrite: bool = False, progress: bool = True,
-          rollout: RolloutFn | None = None) -> dict[str, Any]:
-  """Builds one dataset per embodiment; returns a summary (paths, episode counts, expert success rates)."""
+          rollout: RolloutFn | None = None, action_noise: dict[str, float] | None = None) -> dict[str, Any]:
+  """Builds one dataset per embodiment; returns a summary (paths, episode counts, expert success rates).
+
+  action_noise: embodiment -> std of the train split's executed-action noise (`parse_action_noise`).
+  """
   import tensorflow_datasets as tfds
 
   from gea_jax.envs import registry
@@ -76,6 +105,10 @@ def build(embodiments: Sequence[str], episodes: int, data_dir: str, *, seed: int
     if bad:
       raise ValueError(f"--splits: unknown split(s) {bad}; expected some of {list(SPLITS)}")
   heldout_episodes = max(1, episodes // 10) if heldout_episodes is None else heldout_episodes
+  action_noise = dict(action_noise or {})
+  stray = [e for e in action_noise if e not in embodiments]
+  if stray:
+    raise ValueError(f"--action_noise: {stray} not among the embodiments being built {list(embodiments)}")
   rollout = rollout or _default_rollout()
   summary: dict[str, Any] = {}
   for name in embodiments:
@@ -85,13 +118,19 @@ def build(embodiments: Sequence[str], episodes: int, data_dir: str, *, seed: int
       emb_splits.insert(0, "train")
     counts = {s: (episodes if s == "train" else heldout_episodes) for s in emb_splits}
     counts = {s: n for s, n in counts.items() if n > 0}
+    noise = float(action_noise.get(name, 0.0))
     if dataset_path(data_dir, name).exists() and not overwrite:
+      built = read_json(dataset_path(data_dir, name) / "metadata.json", "metadata.json").get("build_args", {})
+      if float(built.get("action_noise", 0.0)) != noise:
+        raise ValueError(f"{dataset_path(data_dir, name)} was built with action_noise={built.get('action_noise', 0.0)}, "
+                         f"this build asks for {noise}: pass --overwrite or another data_dir")
       print(f"{name}: {dataset_path(data_dir, name)} exists, kept (pass --overwrite to rebuild)", file=sys.stderr)
       summary[name] = {"path": str(dataset_path(data_dir, name)), "kept": True}
       continue
     t0 = time.time()
-    path = build_dataset(data_dir, emb.spec, chunked_episodes(rollout, name, chunk), counts, seed=seed,
-                         build_args={"chunk": chunk}, progress=progress, overwrite=overwrite)
+    args = {"chunk": chunk, **({"action_noise": noise} if noise > 0 else {})}
+    path = build_dataset(data_dir, emb.spec, chunked_episodes(_noisy(rollout, noise), name, chunk), counts, seed=seed,
+                         build_args=args, progress=progress, overwrite=overwrite)
     meta = json.loads((path / "metadata.json").read_text())
     summary[name] = {"path": str(path), "episodes": counts, "steps": {s: int(sum(v)) for s, v in meta["episode_lengths"].items()},
                      "expert_success_rate": meta["expert_success_rate"], "seconds": round(time.time() - t0, 1)}
@@ -108,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--splits", "--split", default=None,
                  help=f"comma-separated subset of {','.join(SPLITS)} (default: every split the embodiment has)")
   p.add_argument("--chunk", type=int, default=32, help="episodes per expert rollout call (32: the rollout batch, no padding)")
+  p.add_argument("--action_noise", default="", help="DART demonstrations: 'embodiment=std,...' (train split only)")
   p.add_argument("--overwrite", action="store_true")
   p.add_argument("--no_progress", action="store_true")
   a = p.parse_args(argv)
@@ -115,7 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   splits = [s for s in a.splits.split(",") if s] if a.splits else None
   try:
     summary = build(embodiments, a.episodes, a.data_dir, seed=a.seed, heldout_episodes=a.heldout_episodes,
-                    splits=splits, chunk=a.chunk, overwrite=a.overwrite, progress=not a.no_progress)
+                    splits=splits, chunk=a.chunk, overwrite=a.overwrite, progress=not a.no_progress,
+                    action_noise=parse_action_noise(a.action_noise))
   except (ValueError, FileExistsError, RuntimeError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -270,3 +270,33 @@ def test_chunked_rollouts_keep_episode_seeds():
   assert [e["seed"] for e in eps] == list(range(100, 110))
   assert calls == [(4, 100, "heldout_seed"), (4, 104, "heldout_seed"), (4, 108, "heldout_seed")]
   assert [e["seed"] for e in chunked_episodes(rollout, "toy_arm", chunk=16)("train", 3, 7)] == [7, 8, 9]
+
+
+def test_action_noise_reaches_the_train_split_only_and_is_recorded(tmp_path):
+  """build(action_noise=...): the rollout gets the noise for "train" only; build_args record it; keeping the
+  dataset under another noise is an error naming both; bad specs are named."""
+  from data_pipelines.build import build, parse_action_noise
+  from gea_jax.envs.registry import make
+
+  spec = make("reacher").spec
+  asked = []
+
+  def rollout(name, n, seed, task_split, action_noise=0.0):
+    asked.append((task_split, action_noise))
+    return list(synthetic_episodes(spec)(task_split, n, seed))
+
+  out = build(["reacher"], 4, str(tmp_path), heldout_episodes=2, rollout=rollout, progress=False,
+              action_noise=parse_action_noise("reacher=0.3"))
+  assert sorted(set(asked)) == [("heldout_seed", 0.0), ("train", 0.3)]
+  meta = json.loads((rb.dataset_path(str(tmp_path), "reacher") / "metadata.json").read_text())
+  assert meta["build_args"]["action_noise"] == 0.3 and out["reacher"]["episodes"] == {"train": 4, "heldout_seed": 2}
+  assert build(["reacher"], 4, str(tmp_path), rollout=rollout, progress=False,
+               action_noise={"reacher": 0.3})["reacher"]["kept"]
+  with pytest.raises(ValueError, match=r"built with action_noise=0.3, this build asks for 0.0"):
+    build(["reacher"], 4, str(tmp_path), rollout=rollout, progress=False)
+  with pytest.raises(ValueError, match="not among the embodiments"):
+    build(["reacher"], 4, str(tmp_path), rollout=rollout, progress=False, action_noise={"pusher": 0.1})
+  for bad in ("reacher", "reacher=-1", "reacher=abc", "=0.2"):
+    with pytest.raises(ValueError, match="embodiment=std"):
+      parse_action_noise(bad)
+  assert parse_action_noise(" reacher=0.3, pusher=0 ") == {"reacher": 0.3, "pusher": 0.0}

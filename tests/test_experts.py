@@ -143,3 +143,27 @@ def test_registry_errors_and_register_policy(monkeypatch):
     experts.register_policy("halfcheetah", fn, overwrite=False)
   with pytest.raises(ValueError, match="num_episodes must be >= 0"):
     experts.rollout("reacher", -1)
+
+
+def test_reacher_dart_noise_records_the_clean_expert_action():
+  """action_noise: the arm executes noisy torques (its path leaves the clean one) while every recorded action is
+  the expert's own PD action for the recorded observation (recomputed here from the observation alone)."""
+  from data_pipelines.experts.reacher import KD, KP, ik
+
+  clean = experts.rollout("reacher", 4, seed=0, batch_size=16)  # the program of the test above
+  noisy = experts.rollout("reacher", 4, seed=0, batch_size=16, action_noise=0.5)
+  assert {e["expert"] for e in noisy} == {"ik_pd+dart0.5"}
+  for c, n in zip(clean, noisy):
+    np.testing.assert_array_equal(c["state"][0], n["state"][0])  # same reset, then the paths part
+    assert c["instruction"] == n["instruction"]
+    k = min(len(c["state"]), len(n["state"]))
+    assert not np.allclose(c["state"][1:k], n["state"][1:k], atol=1e-3)
+    s = n["state"][:-1]
+    q = np.arctan2(s[:, 2:4], s[:, 0:2])  # (cos q0, cos q1, sin q0, sin q1)
+    q0, q1 = ik(s[:, 4:6].T, np.where(q[:, 1] >= 0, 1.0, -1.0))
+    err = np.stack([(np.asarray(q0) - q[:, 0] + np.pi) % (2 * np.pi) - np.pi, np.asarray(q1) - q[:, 1]], 1)
+    np.testing.assert_allclose(n["action"][:-1], np.clip(KP * err - KD * s[:, 6:8], -1, 1), atol=2e-3)
+  with pytest.raises(ValueError, match="continuous actions"):
+    experts.rollout("grid_goto", 2, action_noise=0.1)
+  with pytest.raises(ValueError, match="action_noise must be >= 0"):
+    experts.rollout("reacher", 2, action_noise=-0.1)

@@ -10,7 +10,12 @@ Episode layout (RLDS convention), for an episode with N actions (N + 1 steps):
   success (bool).
 
 Episode i of `rollout(name, n, seed)` resets with `jax.random.PRNGKey(seed + i)`, so every episode
-is reproducible on its own, whatever the batch it ran in. Continuous-control experts run batched
+is reproducible on its own, whatever the batch it ran in.
+
+``action_noise`` > 0 (continuous, jittable experts): DART-style demonstrations (Laskey et al., 2017). The env
+executes the expert's action plus Gaussian noise of that standard deviation (clipped to the action bounds), but
+the episode records the expert's own (clean) action as the label: the states drift off the expert's path the way
+a learner's do, and each is labelled with the expert's correction. Continuous-control experts run batched
 under one jitted `lax.scan`; the grid planner plans on the host and its open-loop plan is replayed
 the same way (the grid is deterministic).
 """
@@ -35,9 +40,14 @@ def _freeze(done, new, old):
 
 
 @functools.lru_cache(maxsize=32)
-def _program(env_name: str, expert: Expert, num_steps: int, planned: bool):
-  """Jitted scan of ``num_steps`` expert steps from reset states ``s0`` (one program for every task split)."""
+def _program(env_name: str, expert: Expert, num_steps: int, planned: bool, action_noise: float = 0.0):
+  """Jitted scan of ``num_steps`` expert steps from reset states ``s0`` (one program for every task split).
+
+  Returns the final states and, per step, (obs, label action, reward, done, terminal, success); with
+  ``action_noise`` the executed action is the label plus clipped Gaussian noise (see the module docstring).
+  """
   env = registry.make(env_name)
+  space = env.spec.action_space
 
   def run(s0, keys, plans):
     def body(s, t):
@@ -45,7 +55,12 @@ def _program(env_name: str, expert: Expert, num_steps: int, planned: bool):
         a = plans[:, t]
       else:
         a = jax.vmap(expert.act)(s, jax.vmap(lambda k: jax.random.fold_in(k, t))(keys))
-      s2 = _freeze(s.done, jax.vmap(env.step)(s, a), s)
+      executed = a
+      if action_noise > 0:
+        noise_keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(k, t), 0x6e6f6973))(keys)
+        noise = jax.vmap(lambda k: jax.random.normal(k, a.shape[1:], a.dtype))(noise_keys)
+        executed = jnp.clip(a + action_noise * noise, jnp.asarray(space.low, a.dtype), jnp.asarray(space.high, a.dtype))
+      s2 = _freeze(s.done, jax.vmap(env.step)(s, executed), s)
       return s2, (s.obs, a, s2.reward, s2.done, s2.terminal, s2.success)
 
     s_last, traj = jax.lax.scan(body, s0, jnp.arange(num_steps))
@@ -70,11 +85,12 @@ def _batched_reset(env_name: str, task_split: str):
 
 
 def rollout(name: str, num_episodes: int, seed: int = 0, task_split: str = "train", *,
-            batch_size: int = 32, expert: Expert | None = None) -> list[dict[str, Any]]:
+            batch_size: int = 32, expert: Expert | None = None, action_noise: float = 0.0) -> list[dict[str, Any]]:
   """Runs the expert of embodiment `name` for `num_episodes` episodes; returns RLDS-style episodes.
 
   Episodes run `batch_size` at a time (the last batch padded), so calls with the same batch size
   reuse one compiled program and give bit-identical episodes for the same seeds.
+  action_noise: std of the Gaussian noise added to the executed (not the recorded) continuous actions.
   """
   if num_episodes < 0:
     raise ValueError(f"rollout: num_episodes must be >= 0, got {num_episodes}")
@@ -83,13 +99,20 @@ def rollout(name: str, num_episodes: int, seed: int = 0, task_split: str = "trai
   planned = not expert.jittable
   if planned and expert.plan is None:
     raise ValueError(f"rollout: expert {expert.name!r} of {name!r} is neither jittable nor has a plan()")
+  action_noise = float(action_noise)
+  if action_noise < 0:
+    raise ValueError(f"rollout: action_noise must be >= 0, got {action_noise}")
+  if action_noise > 0 and (planned or not env.spec.action_space.is_continuous):
+    raise ValueError(f"rollout: action_noise applies to continuous actions of jittable experts; {name!r} "
+                     f"({expert.name}) has {'a host-side plan' if planned else 'discrete actions'}")
   num_steps = env.spec.max_episode_steps
   if batch_size < 1:
     raise ValueError(f"rollout: batch_size must be >= 1, got {batch_size}")
   batch = batch_size  # fixed (the last batch is padded): one compiled program per (env, batch), any split
-  program = _program(name, expert, num_steps, planned)
+  program = _program(name, expert, num_steps, planned, action_noise)
   discrete = not env.spec.action_space.is_continuous
   family = getattr(env, "task_family", "") or name
+  label = f"{expert.name}+dart{action_noise:g}" if action_noise > 0 else expert.name  # the episodes' `expert`
   reset = _batched_reset(name, task_split)
   episodes = []
   for start in range(0, num_episodes, batch):
@@ -127,7 +150,7 @@ def rollout(name: str, num_episodes: int, seed: int = 0, task_split: str = "trai
       episodes.append(dict(
           image=image, state=state, action=a, reward=reward, discount=discount, is_first=is_first,
           is_last=is_last, is_terminal=is_last & terminal, instruction=instr[i], embodiment=name,
-          task=family, seed=int(seeds[i]), expert=expert.name, success=bool(succ[n - 1, i])))
+          task=family, seed=int(seeds[i]), expert=label, success=bool(succ[n - 1, i])))
   return episodes
 
 
