@@ -1,6 +1,7 @@
 """Stage 2 VLM PPO: sampled log-prob = teacher-forced, KV-cached decoding = recomputed context, decoding on a
 text-prefix KV cache = decoding the whole prompt (single step, PPO collector with auto-resets, evaluation),
-only the configured parameters change, and one PPO run on grid_goto (finite losses, exact resume).
+only the configured parameters change, one PPO run on grid_goto over the config's 8-device mesh (finite losses,
+exact resume), and one iteration on 8 fake devices ((8,1,1), (2,4,1)) = on one device.
 
 Fixtures (synthetic datasets, untrained RVQ artifact, tiny config) come from tests/test_sft.py.
 """
@@ -350,12 +351,14 @@ def test_lora_ppo_on_grid_goto_changes_only_lora_and_resumes_exactly(assets, tmp
   """GEA default: a full-SFT agent gets LoRA adapters for PPO; base LLM weights stay bitwise unchanged.
 
   Runs the embedded default's layout (k=1: no history frames, so some trajectory leaves are empty); with
-  sft_coef > 0 (joint SFT + RL) the expert-data iterator is part of the checkpoint, so resume stays exact."""
+  sft_coef > 0 (joint SFT + RL) the expert-data iterator is part of the checkpoint, so resume stays exact.
+  Runs over the config's mesh (all 8 fake devices on "data"): the checkpoint holds sharded arrays."""
   config, ctx, model = _setup(assets, "full", history=1)
   assert ctx.layout.history == 0
   config.ppo.train_mode = "lora"
   config.ppo.sft_coef = sft_coef
-  config.ppo.sft_batch_size = 4
+  config.ppo.sft_batch_size = 8
+  config.ppo.num_envs, config.ppo.unroll_length = 8, 2  # one env per device
   config.data.data_dir = assets["data_dir"]
   res = ppo.train(config, str(tmp_path / "full"), model, ctx, ["grid_goto"])
   before = _flat(_setup(assets, "full", history=1)[2])
@@ -410,6 +413,7 @@ def test_run_starts_from_the_sft_checkpoint(assets, tmp_path):
   config.ppo.sft_workdir = str(tmp_path / "sft_run")
   config.ppo.train_mode = "lora"
   config.ppo.iterations = 1
+  config.ppo.num_envs, config.ppo.unroll_length = 8, 2  # split over the config's mesh (8 fake devices)
   res = ppo.run(config, str(tmp_path / "ppo_run"))
   assert res.iterations == 1 and np.isfinite(res.final_metrics["loss"])
   fresh = _flat(_setup(assets, "full")[2])
@@ -418,3 +422,85 @@ def test_run_starts_from_the_sft_checkpoint(assets, tmp_path):
   assert any(not np.array_equal(a[k], fresh[k]) for k in base)  # SFT moved them, so the check is not vacuous
   for k in base:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def _sharded_config():
+  """grid_goto, 8 envs (one per fake device), 2 steps."""
+  config = _config("lora")
+  config.ppo.num_envs = 8
+  config.ppo.unroll_length = 2
+  config.ppo.reset_pool = 1
+  config.ppo.num_minibatches = 2  # 8 x 2 = 16 transitions: minibatches of 8
+  return config
+
+
+def test_one_iteration_on_the_mesh_equals_single_device(assets):
+  """Collection + update on 8 fake devices ((8,1,1): envs over "data"; (2,4,1): params over "fsdp" too) = on one:
+  the same sampled actions, parameters and metrics; every array is laid out on the mesh and each jitted call
+  compiles once."""
+  from jax.sharding import PartitionSpec as P
+
+  from gea_jax import sharding
+  from gea_jax.train import sft
+  config = _sharded_config()
+  ctx = load_context(config, assets["artifact"], assets["data_dir"], EMBODIMENTS)
+  names = ppo.embodiment_names(config)
+  runs = []
+  for shape in ((1, 1, 1), (8, 1, 1), (2, 4, 1)):
+    devices = jax.devices()[:1] if shape == (1, 1, 1) else jax.devices()
+    mesh, rules = sft.mesh_and_rules(config, sharding.make_mesh(shape, devices))
+    ppo.validate_mesh(config, mesh)
+    model = build_agent(config.model, ctx.layout, ctx.max_state_dim, ctx.vocab.total_vocab_size, seed=1)
+    wrt, _ = ppo.prepare_model(model, config)
+    learner = ppo.VlmPPO(config.ppo, ctx, model, wrt, names, seed=0, mesh=mesh, rules=rules)
+    trajs, boots, stats = learner.collect(0)
+    metrics = learner.update(0, trajs, boots)
+    envs = ("data", "fsdp")
+    assert trajs[0].tokens.sharding.spec == P(None, envs) and boots[0].sharding.spec == P(envs)
+    if shape == (2, 4, 1):  # frozen LLM weights and trainable embeddings split over fsdp; Adam moments alike
+      assert any("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(learner.rest))
+      split = [(k, x) for k, x in nnx.to_flat_state(learner.params) if "fsdp" in str(x.sharding.spec)]
+      assert split
+      mu = dict(nnx.to_flat_state(learner.opt_state[-1][0].mu))
+      assert all(mu[k].sharding == x.sharding for k, x in split)
+    runs.append(dict(tokens=[np.asarray(t.tokens) for t in trajs], logp=[np.asarray(t.logp) for t in trajs],
+                     value=[np.asarray(t.value) for t in trajs], metrics={**metrics, **stats},
+                     params=_flat(learner.sync(), wrt)))
+    if shape == (2, 4, 1):  # a second iteration reuses both programs
+      learner.iteration(1)
+      assert learner._update._cache_size() == 1
+      assert all(c._cache_size() == 1 for c in learner._collect)
+  ref = runs[0]
+  assert any(len(np.unique(t)) > 1 for t in ref["tokens"])  # the policy samples varied actions
+  for run in runs[1:]:
+    for a, b in zip(ref["tokens"], run["tokens"]):
+      np.testing.assert_array_equal(a, b)
+    for k in ("logp", "value"):
+      for a, b in zip(ref[k], run[k]):
+        np.testing.assert_allclose(a, b, atol=1e-5, err_msg=k)
+    assert ref["metrics"].keys() == run["metrics"].keys()
+    for k, v in ref["metrics"].items():
+      np.testing.assert_allclose(v, run["metrics"][k], atol=1e-5, rtol=1e-5, err_msg=k)
+    for k, v in ref["params"].items():
+      np.testing.assert_allclose(v, run["params"][k], atol=1e-5, err_msg=k)
+
+
+def test_num_envs_must_split_over_the_mesh():
+  from gea_jax import sharding
+  from gea_jax.config_validation import ConfigError
+  config = _sharded_config()
+  mesh = sharding.make_mesh((2, 4, 1))
+  config.ppo.num_envs = 4
+  with pytest.raises(ConfigError, match="ppo.num_envs: must be divisible by the data\\*fsdp mesh size 8"):
+    ppo.validate_mesh(config, mesh)
+  config.ppo.num_envs, config.ppo.num_minibatches = 8, 2  # minibatches of 8 x 2 / 2 = 8: fine; / 4 = 4: not
+  ppo.validate_mesh(config, mesh)
+  config.ppo.num_minibatches = 4
+  with pytest.raises(ConfigError, match="ppo.num_minibatches: the minibatch of 4 transitions"):
+    ppo.validate_mesh(config, mesh)
+  # the end-to-end pipeline checks it against the config's mesh (mesh.shape over the 8 devices) before it starts
+  from gea_jax.train import pipeline
+  config = _sharded_config()
+  config.ppo.num_envs = 6
+  with pytest.raises(ConfigError, match="ppo.num_envs: must be divisible by the data\\*fsdp mesh size 8"):
+    pipeline.validate(config)

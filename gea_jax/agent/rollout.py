@@ -15,6 +15,12 @@ prompt plus the action tokens. The carried cache holds the buffers the last deci
 slots into (`reuse_prefix_buffers`: not valid, overwritten by the next decision), so XLA writes them in place.
 ``prefix_cache=False`` runs the whole prompt every step (the per-step cache).
 
+Sharding: inside `gea_jax.sharding.use_mesh` the scan's carry and each step's outputs are pinned to the "envs"
+logical axis (the mesh's batch axes by default), so each device steps and decodes its own slice of the envs.
+One key per step samples every env's tokens (`jax.random.categorical` over the [N, C] logits); jax's
+partitionable threefry (the default) draws the same numbers whatever the sharding, so the samples do not
+depend on the mesh.
+
 `decode_without_cache` is the reference decoder (recompute the whole context for every action token),
 used by the KV-cache tests and the rollout benchmark.
 """
@@ -32,6 +38,7 @@ from gea_jax.agent.policy import Decoded, reuse_prefix_buffers, sample_token, te
 from gea_jax.agent.prompt import PromptLayout, assemble
 from gea_jax.eval import init_buffers, instructions_of, make_policy_step, text_prompts
 from gea_jax.models.kv_cache import KVCache
+from gea_jax.sharding import constrain
 
 
 @struct.dataclass
@@ -73,6 +80,15 @@ def make_reset_pool(env, ctx: AgentContext, e: int, key: jax.Array, size: int, s
 @functools.lru_cache(maxsize=32)
 def _jitted_reset(env, split: str):
   return jax.jit(jax.vmap(functools.partial(env.reset, task_split=split)))
+
+
+def _on_envs(tree, n: int):
+  """Pin every leaf with a leading env axis of ``n`` to the "envs" sharding (a no-op outside ``use_mesh``)."""
+  def one(x):
+    if getattr(x, "ndim", 0) and x.shape[0] == n:
+      return constrain(x, ("envs",) + (None,) * (x.ndim - 1))
+    return x
+  return jax.tree.map(one, tree)
 
 
 def _take(tree, idx):
@@ -143,9 +159,9 @@ def make_collector(ctx: AgentContext, e: int, env, num_steps: int, *, greedy: bo
     chunk = prefix_chunk or -(-n // 4)
     # the text's KV cache (None without the prefix path: an empty pytree in the carry)
     prefix0 = text_prefix_cache(model, L, pool.text_ids[:n], pool.text_mask[:n]) if use_prefix else None
-    carry0 = (_take(pool.states, first), init_buffers(ctx, n), pool.text_ids[:n], pool.text_mask[:n],
-              jnp.zeros((), jnp.int32), prefix0)
-    fresh = init_buffers(ctx, n)
+    carry0 = _on_envs((_take(pool.states, first), init_buffers(ctx, n), pool.text_ids[:n], pool.text_mask[:n],
+                       jnp.zeros((), jnp.int32), prefix0), n)
+    fresh = _on_envs(init_buffers(ctx, n), n)
 
     def step(carry, k):
       env_state, buffers, text_ids, text_mask, used, prefix = carry
@@ -168,7 +184,7 @@ def make_collector(ctx: AgentContext, e: int, env, num_steps: int, *, greedy: bo
       new_buffers = _where_rows(done, fresh, new_buffers)
       if use_prefix:  # reset rows have a new text: recompute their caches (only theirs, only when some env reset)
         prefix = refresh_prefix_rows(model, L, prefix, done, text_ids, text_mask, chunk)
-      return (env_state, new_buffers, text_ids, text_mask, used + done.sum(), prefix), out
+      return _on_envs((env_state, new_buffers, text_ids, text_mask, used + done.sum(), prefix), n), _on_envs(out, n)
 
     k_steps, k_boot = jax.random.split(key)
     carry, traj = jax.lax.scan(step, carry0, jax.random.split(k_steps, num_steps))

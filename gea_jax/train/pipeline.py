@@ -48,6 +48,9 @@ def validate(config) -> None:
     cv.require(e in registry.names(), "data.embodiments", f"unknown embodiment (known: {', '.join(registry.names())})", e)
   for e in [e for e in str(config.ppo.get("embodiments", "")).split(",") if e]:
     cv.require(e in names, "ppo.embodiments", f"must be some of data.embodiments ({', '.join(names)})", e)
+  if int(config.ppo.iterations) > 0:
+    from gea_jax.train import ppo as ppo_lib
+    ppo_lib.validate_mesh(config)  # envs and minibatches split evenly over the mesh's batch axes
 
 
 def embodiment_names(config) -> list[str]:

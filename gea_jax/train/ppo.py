@@ -17,6 +17,19 @@ iterations train the value head alone (its gradient stopped at the trunk, every 
 embedding table; GEA), "frozen" (LLM frozen, adapters = vision/projector/state/value; LLaRP) or "full".
 The collector and the update are each one jitted call over the split (trainable, frozen) model state.
 
+Sharding: the run lives on the config's mesh (``mesh.shape``, ``sharding.rules``; ``train(..., mesh=)`` overrides
+it), like SFT's. The model's variables (trainable and frozen), the frozen reference policy and the optimizer
+state are placed by their logical axes (`sharding.shard_module`; Adam's moments like their parameters). Each
+embodiment's ``ppo.num_envs`` envs are split over the "envs" rule's mesh axes (("data", "fsdp") by default): the
+reset pool, the scan's carry and the trajectory are sharded on their env axis, so each device steps, renders
+and decodes its own envs. The update's transitions are laid out env-major (``[N, embodiments, T]``, so each
+device keeps its envs' rows) and sharded over the "batch" axes; minibatches are drawn by one global shuffle
+(XLA moves the rows) and pinned to the batch axes. Every jitted call has fixed output shardings and compiles
+once. Sampling draws one key per env step for all envs; jax's partitionable threefry makes the draws
+independent of the sharding, so an iteration on 8 devices samples the same actions as on one and updates the
+parameters to within float rounding (tests/test_vlm_ppo.py). ``ppo.num_envs``, the minibatch (transitions /
+``ppo.num_minibatches``) and ``ppo.sft_batch_size`` must be divisible by the data*fsdp size (`validate_mesh`).
+
 Every iteration starts from freshly reset envs drawn from ``fold_in(seed, iteration)``, so a checkpoint
 (trainable params, optimizer state, iteration, and the expert iterator's state when ``ppo.sft_coef > 0``)
 resumes bit-exactly without saving simulator state.
@@ -36,8 +49,10 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gea_jax import config_validation as cv
+from gea_jax import sharding
 from gea_jax.agent.context import AgentContext
 from gea_jax.agent.model import AgentModel, trainable_filter
 from gea_jax.agent.policy import action_scores, candidate_ids, sft_loss
@@ -116,6 +131,44 @@ def validate(config) -> None:
   cv.require(n % int(config.ppo.num_minibatches) == 0, f"{p}.num_minibatches",
              f"must divide the batch of {n} transitions (embodiments x num_envs x unroll_length)",
              config.ppo.num_minibatches)
+  validate_mesh(config)
+
+
+def validate_mesh(config, mesh: Mesh | None = None, embodiments: Sequence[str] | None = None) -> None:
+  """``ppo.num_envs``, the minibatch and (joint SFT) ``ppo.sft_batch_size`` split evenly over the batch axes.
+
+  ``mesh``: the mesh the run uses (default: ``mesh.shape`` over all devices, as `sft.mesh_and_rules` builds it);
+  ``embodiments``: those PPO acts in (default `embodiment_names`).
+  """
+  p = config.ppo
+  rules = sharding.rules_from_config(config.sharding.rules) if config.get("sharding") else sharding.DEFAULT_RULES
+  if mesh is None:
+    cv.check_mesh(config)
+    try:
+      shape = sharding.resolve_mesh_shape(tuple(config.mesh.shape), jax.device_count())
+    except ValueError as e:
+      raise cv.ConfigError(f"mesh.shape: {e}") from None
+    shape_of = dict(zip(sharding.MESH_AXES, shape))
+  else:
+    shape_of = dict(mesh.shape)
+
+  def shards(logical):
+    axes = sharding.logical_to_spec((logical,), rules)[0]
+    axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    return int(np.prod([shape_of[a] for a in axes], dtype=np.int64)), "*".join(axes) or "no"
+
+  k, axes = shards("envs")
+  cv.require(int(p.num_envs) % k == 0, "ppo.num_envs",
+             f"must be divisible by the {axes} mesh size {k} (each embodiment's envs are split over it)", p.num_envs)
+  k, axes = shards("batch")
+  n = len(embodiments or embodiment_names(config)) * int(p.num_envs) * int(p.unroll_length)
+  mb = n // max(int(p.num_minibatches), 1)
+  cv.require(mb % k == 0, "ppo.num_minibatches",
+             f"the minibatch of {mb} transitions ({n} / num_minibatches) must be divisible by the {axes} mesh size "
+             f"{k} (minibatches are split over it)", p.num_minibatches)
+  if float(p.get("sft_coef", 0.0)) > 0:
+    cv.require(int(p.sft_batch_size) % k == 0, "ppo.sft_batch_size",
+               f"must be divisible by the {axes} mesh size {k}", p.sft_batch_size)
 
 
 def embodiment_names(config) -> list[str]:
@@ -148,29 +201,59 @@ def make_optimizer(p) -> optax.GradientTransformation:
 _COMPILED: dict[Any, Any] = {}
 
 
+def place_opt_state(tx: optax.GradientTransformation, opt_state, params, mesh: Mesh):
+  """``opt_state`` on ``mesh``: per-parameter leaves (Adam's moments) like their parameters, the rest replicated."""
+  rep = NamedSharding(mesh, PartitionSpec())
+  param_sh = jax.tree.map(lambda x: x.sharding, params)
+  sh = optax.tree_map_params(tx, lambda _, s: s, opt_state, param_sh, transform_non_params=lambda _: rep)
+  return jax.device_put(opt_state, sh)
+
+
 class VlmPPO:
-  """Jitted collector (one per embodiment) and update over the split (trainable, frozen) model state."""
+  """Jitted collector (one per embodiment) and update over the split (trainable, frozen) model state.
+
+  Everything lives on ``mesh``: the model's variables (trainable and frozen), the frozen reference policy and the
+  optimizer state by their logical axes under ``rules`` (as SFT places them), each embodiment's envs (reset pool,
+  scan carry, trajectory) split along their env axis over the "envs" rule's mesh axes, the update's transitions
+  over the "batch" rule's. Each jitted call has fixed output shardings, so it compiles once.
+  """
 
   def __init__(self, p, ctx: AgentContext, model: AgentModel, wrt, embodiments: Sequence[str], seed: int = 0,
-               sft_iterator=None):
-    """sft_iterator: expert batches (``sft.make_iterator``) for the joint SFT loss; required when p.sft_coef > 0."""
+               sft_iterator=None, mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES):
+    """sft_iterator: expert batches (``sft.make_iterator``) for the joint SFT loss; required when p.sft_coef > 0.
+
+    mesh: default one device (the first). ``model`` is placed on it in place (`sharding.shard_module`).
+    """
     if float(p.get("sft_coef", 0.0)) > 0 and sft_iterator is None:
       raise ValueError("ppo.sft_coef > 0 needs expert data: pass sft_iterator (gea_jax.train.sft.make_iterator)")
     self.p, self.ctx, self.model, self.wrt = p, ctx, model, wrt
+    self.mesh = mesh if mesh is not None else sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    self.rules = tuple(rules)
     self.sft_iterator = sft_iterator
     self.names = list(embodiments)
     self.ids = [ctx.index(n) for n in self.names]
     from gea_jax.envs import registry
     self.envs = [registry.make(n) for n in self.names]
+    n, T = int(p.num_envs), int(p.unroll_length)
+    env_axes = sharding.logical_to_spec(("envs",), self.rules)[0]
+    env_shards = int(np.prod([self.mesh.shape[a] for a in ((env_axes,) if isinstance(env_axes, str)
+                                                           else tuple(env_axes or ()))], dtype=np.int64))
+    if n % env_shards:
+      raise cv.ConfigError(f"ppo.num_envs: must be divisible by the mesh size {env_shards} of the axes {env_axes} "
+                           f"that each embodiment's envs are split over, got {n}")
+    self.replicated = NamedSharding(self.mesh, PartitionSpec())
+    self.pool_sharding = NamedSharding(self.mesh, PartitionSpec(env_axes))            # [P, ...]
+    self.traj_sharding = NamedSharding(self.mesh, PartitionSpec(None, env_axes))      # [T, N, ...]
+    sharding.shard_module(model, self.mesh, self.rules)
     self.graphdef, params, self.rest = nnx.split(model, wrt, ...)
     self.params = params
-    self.ref_params = jax.tree.map(jnp.copy, params)  # the frozen starting (SFT) policy
+    self.ref_params = jax.tree.map(jnp.copy, params)  # the frozen starting (SFT) policy, laid out like params
     self.tx = make_optimizer(p)
-    self.opt_state = self.tx.init(params)
-    self.mask_table = jnp.asarray(ctx.vocab.mask_table)
+    self.opt_state = place_opt_state(self.tx, self.tx.init(params), params, self.mesh)
+    self.mask_table = jax.device_put(jnp.asarray(ctx.vocab.mask_table), self.replicated)
     self.seed_key = jax.random.key(int(seed))
     graphdef = self.graphdef
-    n, T = int(p.num_envs), int(p.unroll_length)
+    state_sh = jax.tree.map(lambda x: x.sharding, (self.params, self.opt_state))
 
     def collector(e_idx):
       collect = make_collector(ctx, self.ids[e_idx], self.envs[e_idx], T, greedy=False,
@@ -178,45 +261,59 @@ class VlmPPO:
 
       def fn(params, rest, pool, key, mask_table):
         return collect(nnx.merge(graphdef, params, rest), pool, n, key, mask_table)
-      return jax.jit(fn)
+      return jax.jit(fn, out_shardings=(self.traj_sharding, self.pool_sharding))
 
-    # Learners with the same model structure, context, embodiments and hyperparameters share compiled code
+    # Learners with the same model structure, context, embodiments, hyperparameters and mesh share compiled code
     # (a resumed run in the same process, or PPO after PPO, does not compile again).
-    cache_key = (id(ctx), self.graphdef, tuple(self.names), repr(sorted(p.to_dict().items())))
+    cache_key = (id(ctx), self.graphdef, tuple(self.names), repr(sorted(p.to_dict().items())), self.mesh,
+                 self.rules, jax.tree.structure(state_sh), tuple(jax.tree.leaves(state_sh)))
     hit = _COMPILED.get(cache_key)
     if hit is None or hit[0] is not ctx:
-      hit = (ctx, [collector(i) for i in range(len(self.names))], jax.jit(self._update_fn))
+      update = jax.jit(self._update_fn, out_shardings=(state_sh[0], state_sh[1], self.replicated))
+      hit = (ctx, [collector(i) for i in range(len(self.names))], update)
       if len(_COMPILED) >= 4:
         _COMPILED.pop(next(iter(_COMPILED)))
       _COMPILED[cache_key] = hit
     _, self._collect, self._update = hit
 
   def _batch(self, trajs, boots):
-    """GAE per embodiment, then flatten [T, N] and concatenate over embodiments."""
+    """GAE per embodiment, then env-major rows ``[N, E, T] -> N * E * T``: each device's envs stay its rows."""
     p, L = self.p, self.ctx.layout
+    n, T = int(p.num_envs), int(p.unroll_length)
     rows = []
     for e, traj, boot in zip(self.ids, trajs, boots):
       adv, target = compute_gae(traj.reward * float(p.reward_scaling), traj.value, boot, traj.termination,
                                 traj.truncation, float(p.discount), float(p.gae_lambda))
       if bool(p.normalize_advantage):
         adv = normalize_advantages(adv)
-      # explicit leading size: -1 cannot be inferred for empty leaves (e.g. no history frames, k=1)
-      flat = jax.tree.map(lambda x: x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:]), traj)
-      b = flat.logp.shape[0]
+      # [T, N, ...] -> [N * T, ...] (explicit sizes: -1 cannot be inferred for empty leaves, e.g. no history frames)
+      env_major = lambda x: jnp.swapaxes(x, 0, 1).reshape((n * T,) + x.shape[2:])
+      flat = jax.tree.map(env_major, traj)
+      b = n * T
       tok_valid = jnp.broadcast_to(jnp.arange(L.action_tokens) < self.ctx.vocab.tokens_per_action(e),
                                    (b, L.action_tokens))
       seq = sequences(L, flat, tok_valid)
       rows.append(dict(input_ids=seq["input_ids"], attention_mask=seq["attention_mask"], positions=seq["positions"],
                        targets=seq["targets"], image=seq["image"], state=seq["state"],
                        embodiment_id=jnp.full((b,), e, jnp.int32), token_valid=tok_valid.astype(jnp.float32),
-                       old_logp=flat.logp, old_value=flat.value, adv=adv.reshape(-1), target=target.reshape(-1)))
-    return jax.tree.map(lambda *xs: jnp.concatenate(xs, 0), *rows)
+                       old_logp=flat.logp, old_value=flat.value, adv=env_major(adv), target=env_major(target)))
+
+    def stack(*xs):
+      x = jnp.stack([x.reshape((n, T) + x.shape[1:]) for x in xs], 1)  # [N, E, T, ...]
+      return self._on_batch(x.reshape((n * len(xs) * T,) + x.shape[3:]))
+    return jax.tree.map(stack, *rows)
+
+  @staticmethod
+  def _on_batch(x):
+    return sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
 
   def _update_fn(self, params, opt_state, rest, ref_params, trajs, boots, key, mask_table, policy_weight,
                  sft_batch=None):
     """One PPO update; ``policy_weight`` (0 during the value warm-up, else 1) scales every term but the value loss.
 
     sft_batch: None, or a batch of expert sequences whose SFT loss (x p.sft_coef) joins every minibatch's loss.
+    Minibatches are drawn by a global shuffle of the whole batch (`sgd_epochs` with one shuffle block), so the
+    update does not depend on the mesh; each minibatch is pinned to the batch axes.
     """
     p, L, graphdef = self.p, self.ctx.layout, self.graphdef
     data = self._batch(trajs, boots)
@@ -231,6 +328,7 @@ class VlmPPO:
       data["ref_logp"] = jnp.sum(ref_logp * data["token_valid"], 1)
 
     def loss_fn(params, mb, _key):
+      mb = jax.tree.map(self._on_batch, mb)
       model = nnx.merge(graphdef, params, rest)
       logp_tok, ent_tok, value, _ = action_scores(model, L, mb, mask_table, value_trunk_grad=policy_weight,
                                                   candidate_ids=cand, temperature=temp)
@@ -259,36 +357,50 @@ class VlmPPO:
                                             num_epochs=int(p.num_epochs), num_minibatches=int(p.num_minibatches))
     return params, opt_state, metrics
 
-  def iteration(self, it: int) -> dict[str, float]:
-    """One PPO iteration (collect every embodiment, update); returns host metrics."""
+  def collect(self, it: int):
+    """Iteration ``it``'s rollouts of every embodiment: (trajectories [T, N, ...], bootstrap values, host stats)."""
     p = self.p
     key = jax.random.fold_in(self.seed_key, it)
     n = int(p.num_envs)
     trajs, boots, stats = [], [], {}
-    for i, (name, e, env) in enumerate(zip(self.names, self.ids, self.envs)):
-      k = jax.random.fold_in(key, i)
-      pool = make_reset_pool(env, self.ctx, e, jax.random.fold_in(k, 0), n * (1 + int(p.reset_pool)),
-                             str(p.task_split))
-      traj, boot = self._collect[i](self.params, self.rest, pool, jax.random.fold_in(k, 1), self.mask_table)
-      trajs.append(traj)
-      boots.append(boot)
-      ends = float(jnp.sum(traj.termination | traj.truncation))
-      stats[f"{name}/reward_per_step"] = float(jnp.mean(traj.reward))
-      stats[f"{name}/episodes"] = ends
-      stats[f"{name}/success_rate"] = float(jnp.sum(traj.success)) / ends if ends else float("nan")
+    with sharding.use_mesh(self.mesh, self.rules):
+      for i, (name, e, env) in enumerate(zip(self.names, self.ids, self.envs)):
+        k = jax.random.fold_in(key, i)
+        pool = make_reset_pool(env, self.ctx, e, jax.random.fold_in(k, 0), n * (1 + int(p.reset_pool)),
+                               str(p.task_split))
+        pool = jax.device_put(pool, self.pool_sharding)
+        traj, boot = self._collect[i](self.params, self.rest, pool, jax.random.fold_in(k, 1), self.mask_table)
+        trajs.append(traj)
+        boots.append(boot)
+        ends = float(jnp.sum(traj.termination | traj.truncation))
+        stats[f"{name}/reward_per_step"] = float(jnp.mean(traj.reward))
+        stats[f"{name}/episodes"] = ends
+        stats[f"{name}/success_rate"] = float(jnp.sum(traj.success)) / ends if ends else float("nan")
+    return trajs, boots, stats
+
+  def update(self, it: int, trajs, boots) -> dict[str, float]:
+    """Iteration ``it``'s PPO update on ``collect(it)``'s data; returns host metrics."""
+    p = self.p
+    key = jax.random.fold_in(self.seed_key, it)
     policy_weight = jnp.float32(0.0 if it < int(p.get("value_warmup_iterations", 0)) else 1.0)
-    self.params, self.opt_state, metrics = self._update(self.params, self.opt_state, self.rest, self.ref_params,
-                                                        trajs, boots, jax.random.fold_in(key, 99), self.mask_table,
-                                                        policy_weight, self._sft_batch())
-    out = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    with sharding.use_mesh(self.mesh, self.rules):
+      self.params, self.opt_state, metrics = self._update(self.params, self.opt_state, self.rest, self.ref_params,
+                                                          trajs, boots, jax.random.fold_in(key, 99), self.mask_table,
+                                                          policy_weight, self._sft_batch())
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+  def iteration(self, it: int) -> dict[str, float]:
+    """One PPO iteration (collect every embodiment, update); returns host metrics."""
+    trajs, boots, stats = self.collect(it)
+    out = self.update(it, trajs, boots)
     out.update(stats)
     return out
 
   def _sft_batch(self):
     if self.sft_iterator is None:
       return None
-    from gea_jax.train.sft import model_arrays
-    return {k: jnp.asarray(x) for k, x in model_arrays(next(self.sft_iterator)).items()}
+    from gea_jax.train.sft import device_batch
+    return device_batch(next(self.sft_iterator), self.mesh)
 
   def sync(self) -> AgentModel:
     nnx.update(self.model, self.params)
@@ -308,36 +420,42 @@ class PpoResult:
 
 
 def train(config, workdir: str, model: AgentModel, ctx: AgentContext, embodiments: Sequence[str] | None = None,
-          *, callback=None, data_dir: str | None = None) -> PpoResult:
+          *, callback=None, data_dir: str | None = None, mesh: Mesh | None = None) -> PpoResult:
   """Runs (or resumes) PPO of ``model`` in ``workdir/ppo``. ``model`` is updated in place and returned.
 
   ``callback(iteration, metrics)`` runs after each iteration (tests use it to inject failures).
   ``data_dir``: the expert datasets for the joint SFT loss (``ppo.sft_coef > 0``; default data.data_dir).
+  ``mesh``: the device mesh (default: ``mesh.shape`` over all devices, with ``sharding.rules``); ``model`` is
+  placed on it in place.
   """
   if "ppo" not in config:
     config = ml_collections.ConfigDict(config.to_dict())
     config.ppo = ppo_defaults()
   p = config.ppo
   names = list(embodiments or embodiment_names(config))
+  from gea_jax.train import sft as sft_lib
+  mesh, rules = sft_lib.mesh_and_rules(config, mesh)
+  validate_mesh(config, mesh, names)
   wrt, mode = prepare_model(model, config)
   sft_iterator = None
   if float(p.get("sft_coef", 0.0)) > 0:
-    from gea_jax.train import sft as sft_lib
     data_dir = data_dir or str(config.data.data_dir)
     if not data_dir:
       raise ValueError("ppo.sft_coef > 0 needs the expert datasets: pass data_dir or set data.data_dir")
     # expert data of every embodiment the agent knows, not only those PPO acts in: it keeps what SFT taught
     sft_iterator = sft_lib.make_iterator(config, ctx, data_dir, list(ctx.names), batch_size=int(p.sft_batch_size),
                                          seed=int(config.seed) + 1)
-  learner = VlmPPO(p, ctx, model, wrt, names, seed=int(config.seed), sft_iterator=sft_iterator)
+  learner = VlmPPO(p, ctx, model, wrt, names, seed=int(config.seed), sft_iterator=sft_iterator, mesh=mesh,
+                   rules=rules)
   n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(learner.params))
   n_total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  logging.info("PPO: %d trainable of %d parameters (%s), embodiments %s", n_train, n_total, mode, names)
+  logging.info("PPO: %d trainable of %d parameters (%s), embodiments %s, mesh %s", n_train, n_total, mode, names,
+               dict(mesh.shape))
 
   ckpt = Checkpointer(os.path.join(workdir, "ppo"), keep=int(p.keep_checkpoints),
                       save_every=int(p.checkpoint_every), config=config)
   start = 0
-  restored = ckpt.restore_latest(abstract_like(learner.params), abstract_like(learner.opt_state))
+  restored = ckpt.restore_latest(abstract_like(learner.params, mesh), abstract_like(learner.opt_state, mesh))
   if restored is not None:
     learner.params = restored.params
     learner.opt_state = restored.opt_state
