@@ -61,3 +61,14 @@ def test_data_cache_mb_must_be_a_positive_number():
     c.data.cache_mb = bad
     with pytest.raises(ConfigError, match="data.cache_mb"):
       pipeline.validate(c)
+
+
+def test_data_action_noise_is_parsed_per_embodiment_and_validated():
+  c = agent_config()
+  assert pipeline.action_noise(c) == {}
+  c.data.action_noise = "reacher=0.3,pusher=0.2"  # pusher is not in this run: ignored
+  assert pipeline.action_noise(c) == {"reacher": 0.3}
+  for bad in ("reacher", "reacher=-0.1", "reacher=x", "reachr=0.3"):
+    c.data.action_noise = bad
+    with pytest.raises(ConfigError, match="data.action_noise"):
+      pipeline.validate(c)

@@ -28,6 +28,9 @@ def agent_config():
   # grid layouts are cheap (about 7 steps per episode) and grounding words in them needs many
   c.data.episodes_by_embodiment = "grid_goto=1000"
   c.data.heldout_episodes = 32    # per held-out split
+  # DART demonstrations (data_pipelines.build): "reacher=0.3" = the train split's executed actions get Gaussian
+  # noise of std 0.3 while the clean expert actions are recorded; "" = plain expert rollouts
+  c.data.action_noise = ""
   # k steps in a window, the current one last. GEA (and the data pipeline's default) use 3; at this scale
   # k=3 lets the small agent copy its previous action (reacher 44% vs 84% held-out success with k=1,
   # docs/benchmarks.md), so the embedded default uses 1.

@@ -28,6 +28,7 @@ def validate(config) -> None:
   cv.positive(config, "data.episodes")
   cv.positive(config, "data.heldout_episodes")
   episodes_per_embodiment(config)
+  action_noise(config)
   cv.positive(config, "rvq.num_levels")
   cv.positive(config, "rvq.codebook_size")
   cv.positive(config, "rvq.steps")
@@ -74,12 +75,28 @@ def episodes_per_embodiment(config) -> dict[str, int]:
   return counts
 
 
+def action_noise(config) -> dict[str, float]:
+  """``data.action_noise`` ("reacher=0.3"): DART noise of each embodiment's train-split demonstrations."""
+  from data_pipelines.build import parse_action_noise
+  try:
+    noise = parse_action_noise(str(config.data.get("action_noise", "") or ""))
+  except ValueError as e:
+    raise cv.ConfigError(f"data.action_noise: {e}") from None
+  from gea_jax.envs import registry
+  for name in noise:
+    cv.require(name in registry.names(), "data.action_noise", f"unknown embodiment (known: {', '.join(registry.names())})",
+               name)
+  names = embodiment_names(config)
+  return {k: v for k, v in noise.items() if k in names}  # entries for bodies this run does not use are ignored
+
+
 def build_data(config, data_dir: str) -> dict:
   from data_pipelines.build import build
   summary = {}
+  noise = action_noise(config)
   for name, n in episodes_per_embodiment(config).items():
-    summary.update(build([name], n, data_dir, seed=int(config.seed),
-                         heldout_episodes=int(config.data.heldout_episodes)))
+    summary.update(build([name], n, data_dir, seed=int(config.seed), heldout_episodes=int(config.data.heldout_episodes),
+                         action_noise={name: noise[name]} if name in noise else None))
   return summary
 
 
