@@ -22,8 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from data_pipelines.rlds_builder import SPLITS, build_dataset, dataset_path
-from data_pipelines.rlds_builder import _read_json as read_json
+from data_pipelines.rlds_builder import SPLITS, build_dataset, dataset_path, read_json
 
 RolloutFn = Callable[[str, int, int, str], Sequence[dict[str, Any]]]
 

@@ -403,7 +403,7 @@ def stack_steps(rows: list[dict[str, Any]], state_dim: int) -> dict[str, np.ndar
   return out
 
 
-def _read_json(path: epath.Path, what: str) -> dict[str, Any]:
+def read_json(path: epath.Path, what: str) -> dict[str, Any]:
   try:
     return json.loads(path.read_text())
   except FileNotFoundError:
@@ -432,7 +432,7 @@ def open_dataset(data_dir: str | os.PathLike, embodiment: str, check_files: bool
                          "the build did not finish: rebuild it")
     raise DatasetError(f"{root / DATASET_NAME}: no dataset for embodiment {embodiment!r} "
                        f"(available: {available}); build it with data_pipelines.build")
-  meta = _read_json(path / "metadata.json", "metadata.json")
+  meta = read_json(path / "metadata.json", "metadata.json")
   if meta.get("gea_schema_version") != SCHEMA_VERSION:
     raise DatasetError(f"{path / 'metadata.json'}: field 'gea_schema_version' is {meta.get('gea_schema_version')!r}, "
                        f"this code reads schema {SCHEMA_VERSION}: rebuild the dataset")

@@ -10,14 +10,14 @@ Episode layout (RLDS convention), for an episode with N actions (N + 1 steps):
   success (bool).
 
 Episode i of `rollout(name, n, seed)` resets with `jax.random.PRNGKey(seed + i)`, so every episode
-is reproducible on its own, whatever the batch it ran in.
+is reproducible on its own, whatever the batch it ran in. Continuous-control experts run batched
+under one jitted `lax.scan`; the grid planner plans on the host and its open-loop plan is replayed
+the same way (the grid is deterministic).
 
 ``action_noise`` > 0 (continuous, jittable experts): DART-style demonstrations (Laskey et al., 2017). The env
 executes the expert's action plus Gaussian noise of that standard deviation (clipped to the action bounds), but
 the episode records the expert's own (clean) action as the label: the states drift off the expert's path the way
-a learner's do, and each is labelled with the expert's correction. Continuous-control experts run batched
-under one jitted `lax.scan`; the grid planner plans on the host and its open-loop plan is replayed
-the same way (the grid is deterministic).
+a learner's do, and each is labelled with the expert's correction.
 """
 
 from __future__ import annotations

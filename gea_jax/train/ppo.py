@@ -134,6 +134,14 @@ def validate(config) -> None:
   validate_mesh(config)
 
 
+def mesh_shards(logical: str, rules, shape_of: dict[str, int]) -> tuple[int, str]:
+  """How many shards the ``logical`` axis is split into under ``rules`` on a mesh of ``shape_of`` (axis -> size),
+  and those mesh axes joined by "*" ("no" when it is replicated)."""
+  axes = sharding.logical_to_spec((logical,), rules)[0]
+  axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+  return int(np.prod([shape_of[a] for a in axes], dtype=np.int64)), "*".join(axes) or "no"
+
+
 def validate_mesh(config, mesh: Mesh | None = None, embodiments: Sequence[str] | None = None) -> None:
   """``ppo.num_envs``, the minibatch and (joint SFT) ``ppo.sft_batch_size`` split evenly over the batch axes.
 
@@ -152,15 +160,10 @@ def validate_mesh(config, mesh: Mesh | None = None, embodiments: Sequence[str] |
   else:
     shape_of = dict(mesh.shape)
 
-  def shards(logical):
-    axes = sharding.logical_to_spec((logical,), rules)[0]
-    axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-    return int(np.prod([shape_of[a] for a in axes], dtype=np.int64)), "*".join(axes) or "no"
-
-  k, axes = shards("envs")
+  k, axes = mesh_shards("envs", rules, shape_of)
   cv.require(int(p.num_envs) % k == 0, "ppo.num_envs",
              f"must be divisible by the {axes} mesh size {k} (each embodiment's envs are split over it)", p.num_envs)
-  k, axes = shards("batch")
+  k, axes = mesh_shards("batch", rules, shape_of)
   n = len(embodiments or embodiment_names(config)) * int(p.num_envs) * int(p.unroll_length)
   mb = n // max(int(p.num_minibatches), 1)
   cv.require(mb % k == 0, "ppo.num_minibatches",
@@ -236,11 +239,10 @@ class VlmPPO:
     self.envs = [registry.make(n) for n in self.names]
     n, T = int(p.num_envs), int(p.unroll_length)
     env_axes = sharding.logical_to_spec(("envs",), self.rules)[0]
-    env_shards = int(np.prod([self.mesh.shape[a] for a in ((env_axes,) if isinstance(env_axes, str)
-                                                           else tuple(env_axes or ()))], dtype=np.int64))
+    env_shards, label = mesh_shards("envs", self.rules, dict(self.mesh.shape))
     if n % env_shards:
-      raise cv.ConfigError(f"ppo.num_envs: must be divisible by the mesh size {env_shards} of the axes {env_axes} "
-                           f"that each embodiment's envs are split over, got {n}")
+      raise cv.ConfigError(f"ppo.num_envs: must be divisible by the {label} mesh size {env_shards} (each "
+                           f"embodiment's envs are split over it), got {n}")
     self.replicated = NamedSharding(self.mesh, PartitionSpec())
     self.pool_sharding = NamedSharding(self.mesh, PartitionSpec(env_axes))            # [P, ...]
     self.traj_sharding = NamedSharding(self.mesh, PartitionSpec(None, env_axes))      # [T, N, ...]
