@@ -232,3 +232,30 @@ def test_tiny_sft_lowers_the_loss_and_writes_the_report(assets, tmp_path):
   report = json.loads((tmp_path / "report.json").read_text())
   assert report["summary"]["steps"] == 30 and "sft/loss" in report["curves"]
   assert (tmp_path / "report.md").read_text().count("|") > 4 and paths
+
+
+def test_state_mlp_token_and_its_validation(assets):
+  """``model.state_hidden_dim`` > 0: each frame's state slot holds state_proj(gelu(state_mlp(state)))."""
+  from gea_jax.agent.model import build_agent
+  from gea_jax.agent.prompt import STATE_SLOT
+  from gea_jax.config_validation import ConfigError
+  config = tiny_config()
+  config.model.state_hidden_dim = 24
+  ctx = load_context(config, assets["artifact"], assets["data_dir"], EMBODIMENTS)
+  model = build_agent(config.model, ctx.layout, ctx.max_state_dim, ctx.vocab.total_vocab_size)
+  assert model.state_mlp.kernel.get_value().shape == (ctx.max_state_dim, 24)
+  assert model.state_proj.kernel.get_value().shape == (24, config.model.llm.hidden_size)
+  L = ctx.layout
+  b, f = 2, L.num_frames
+  states = jax.random.normal(jax.random.key(0), (b, f, ctx.max_state_dim))
+  images = jnp.zeros((b, f, 16, 16, 3), jnp.uint8)
+  x = model.embed(jnp.zeros((b, L.seq_len), jnp.int32), images, states)
+  kind, frame = L.slots()["kind"], L.slots()["frame_index"]
+  pos = np.nonzero(kind == STATE_SLOT)[0]
+  assert len(pos) == f
+  expected = model.state_proj(jax.nn.gelu(model.state_mlp(states)))
+  np.testing.assert_allclose(np.asarray(x[:, pos]), np.asarray(expected[:, frame[pos]]), rtol=1e-5, atol=1e-6)
+  assert build_agent(tiny_config().model, L, ctx.max_state_dim, ctx.vocab.total_vocab_size).state_mlp is None
+  config.model.state_hidden_dim = -1
+  with pytest.raises(ConfigError, match="model.state_hidden_dim"):
+    sft.validate_model(config)

@@ -45,6 +45,7 @@ def agent_config():
   c.model.text_tokenizer = "smollm2"  # "smollm2" | HF dir | SentencePiece .model | .gguf
   c.model.text_len = 40
   c.model.use_state = True
+  c.model.state_hidden_dim = 0    # state token: 0 = linear projection of the state; > 0 = GELU MLP of this width
   c.model.value_hidden_dim = 128
   c.model.llm = ml_collections.ConfigDict()
   c.model.llm.source = "random"   # "random" (dims below) | "smollm2" | HF dir | .gguf

@@ -1,7 +1,8 @@
 """The agent network: the VLM (vision encoder -> projector -> LLM, value head) plus a state token.
 
 It consumes the fixed-slot sequences of `gea_jax.agent.prompt`: image slots receive the projected
-image tokens of their frame, state slots a linear projection of that frame's proprioceptive state,
+image tokens of their frame, state slots a projection of that frame's proprioceptive state (linear, or a
+one-hidden-layer GELU MLP when ``model.state_hidden_dim`` > 0),
 every other slot the LLM's token embedding. `AgentModel.forward` also runs a part of a sequence
 (``offset``): the text alone, or the frames on top of a KV cache of the text
 (`gea_jax.agent.policy.text_prefix_cache`). `build_agent` makes one from a config: a random tiny LLM
@@ -27,15 +28,28 @@ from gea_jax.sharding import constrain
 
 
 class AgentModel(nnx.Module):
-  """VLM + state projection over the prompt layout's static slots."""
+  """VLM + state projection over the prompt layout's static slots.
 
-  def __init__(self, vlm: VLM, layout: PromptLayout, state_dim: int, *, rngs: nnx.Rngs):
+  ``state_hidden``: 0 = the state token is a linear projection of the state; > 0 = a GELU MLP with one hidden
+  layer of that width (``state_mlp`` then ``state_proj``).
+  """
+
+  def __init__(self, vlm: VLM, layout: PromptLayout, state_dim: int, *, state_hidden: int = 0, rngs: nnx.Rngs):
     width = vlm.llm.config.hidden_size
     self.vlm = vlm
     self.layout = layout
     self.state_dim = int(state_dim)
-    init = nnx.with_partitioning(nnx.initializers.normal(0.02), (None, "embed"))
-    self.state_proj = nnx.Linear(max(self.state_dim, 1), width, kernel_init=init, rngs=rngs)
+    state_in = max(self.state_dim, 1)
+    if int(state_hidden) < 0:
+      raise ValueError(f"AgentModel: state_hidden must be >= 0 (0 = linear state token), got {state_hidden}")
+    state_mlp = None
+    if state_hidden:
+      hidden_init = nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, "mlp"))
+      state_mlp = nnx.Linear(state_in, int(state_hidden), kernel_init=hidden_init, rngs=rngs)
+      state_in = int(state_hidden)
+    self.state_mlp = nnx.data(state_mlp)
+    init = nnx.with_partitioning(nnx.initializers.normal(0.02), ("mlp" if state_hidden else None, "embed"))
+    self.state_proj = nnx.Linear(state_in, width, kernel_init=init, rngs=rngs)
     slots = layout.slots()
     if vlm.tokens_per_image != layout.image_tokens:
       raise ValueError(f"layout.image_tokens={layout.image_tokens} but the VLM gives {vlm.tokens_per_image} "
@@ -81,7 +95,8 @@ class AgentModel(nnx.Module):
       st = states.astype(jnp.float32)
       if st.shape[-1] < self.state_dim:
         st = jnp.pad(st, ((0, 0), (0, 0), (0, self.state_dim - st.shape[-1])))
-      tok = self.state_proj(st[..., :max(self.state_dim, 1)] if self.state_dim else jnp.zeros(st.shape[:2] + (1,)))
+      st = st[..., :self.state_dim] if self.state_dim else jnp.zeros(st.shape[:2] + (1,))
+      tok = self.state_proj(st if self.state_mlp is None else jax.nn.gelu(self.state_mlp(st)))
       frame = np.clip(np.asarray(self._frame[start:end]), 0, None)
       placed = tok[:, frame].astype(x.dtype)  # [b, S, d]
       x = jnp.where((kind == STATE_SLOT)[None, :, None], placed, x)
@@ -157,7 +172,7 @@ def build_agent(model_cfg, layout: PromptLayout, state_dim: int, vocab_size: int
                    value_hidden_dim=int(model_cfg.value_hidden_dim), tiny_cnn_channels=tuple(v.channels),
                    tiny_cnn_coords=bool(v.get("coord_channels", False)))
   vlm = build_vlm(vcfg, llm, rngs=rngs)
-  return AgentModel(vlm, layout, state_dim, rngs=rngs)
+  return AgentModel(vlm, layout, state_dim, state_hidden=int(model_cfg.get("state_hidden_dim", 0)), rngs=rngs)
 
 
 def trainable_filter(model_cfg) -> Any:

@@ -53,6 +53,9 @@ def validate_model(config) -> None:
   grid = tuple(m.vision.pool_grid)
   cv.require(len(grid) == 2 and min(grid) > 0, "model.vision.pool_grid", "must be two positive ints", grid)
   cv.positive(config, "model.text_len")
+  if "state_hidden_dim" in m:
+    cv.check_type(config, "model.state_hidden_dim", int)
+    cv.positive(config, "model.state_hidden_dim", allow_zero=True)
   cv.positive(config, "data.history")
   cv.positive(config, "data.image_size")
 
