@@ -64,7 +64,7 @@ from etils import epath
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-ITEM_NAMES = ("params", "opt_state", "state", "meta", "assets")
+ITEM_NAMES = ("params", "opt_state", "arrays", "state", "meta", "assets")
 _ASSET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _BYTES_KEY = "__bytes_b64__"
 
@@ -243,6 +243,7 @@ class RestoredState:
   versions: dict
   path: Path  # the step directory
   assets: dict[str, Path]
+  arrays: Any | None = None  # the ``arrays`` item (e.g. PPO's running episodes), when a target was given
 
 
 def load_step_meta(step_dir: str | Path) -> dict:
@@ -310,7 +311,7 @@ class Checkpointer:
       max_to_keep=keep, save_interval_steps=1, enable_async_checkpointing=async_save,
       cleanup_tmp_directories=not read_only, read_only=read_only, create=not read_only)
     handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
-                "state": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
+                "arrays": ocp.StandardCheckpointHandler(), "state": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
                 "assets": DirectoryAssetsHandler()}
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEM_NAMES,
                                           item_handlers=handlers)
@@ -391,8 +392,10 @@ class Checkpointer:
     return step % self.save_every == 0
 
   def save(self, step: int, *, params: Any, opt_state: Any = None, rng: Any = None, data_state: Any = None,
-           extra: Mapping[str, Any] | None = None, force: bool = False) -> bool:
+           extra: Mapping[str, Any] | None = None, arrays: Any = None, force: bool = False) -> bool:
     """Saves the state reached after ``step`` completed steps. Returns whether a checkpoint was written.
+
+    ``arrays``: any other pytree of arrays the run needs to continue exactly (PPO: its running episodes).
 
     Writes when ``step % save_every == 0`` or ``force`` (e.g. on SIGTERM or at the end); a step that is
     already on disk is never overwritten. With ``async_save`` the call returns once arrays are copied to
@@ -417,12 +420,14 @@ class Checkpointer:
              "extra": _to_json(dict(extra or {}), "extra")}
     meta = {"format_version": FORMAT_VERSION, "config": self._config, "versions": versions(),
             "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "has_opt_state": opt_state is not None}
+            "has_opt_state": opt_state is not None, "has_arrays": arrays is not None}
     items = {"params": ocp.args.StandardSave(params), "state": ocp.args.JsonSave(state),
              "meta": ocp.args.JsonSave(meta),
              "assets": DirectoryAssetsSave({k: str(v) for k, v in self.staged_assets().items()})}
     if opt_state is not None:
       items["opt_state"] = ocp.args.StandardSave(opt_state)
+    if arrays is not None:
+      items["arrays"] = ocp.args.StandardSave(arrays)
     try:
       saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
     except Exception as e:
@@ -434,8 +439,11 @@ class Checkpointer:
 
   # -- restore -----------------------------------------------------------------------------------------
 
-  def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any = None) -> RestoredState:
+  def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any = None,
+              abstract_arrays: Any = None) -> RestoredState:
     """Restores one step onto the targets' shardings; raises ``CheckpointError`` naming step and path.
+
+    ``abstract_arrays``: the target of the ``arrays`` item (see `save`); an error when the step has none.
 
     ``abstract_params=None`` restores the stored tree as saved (nested dicts of arrays on the default
     device): enough for export and inspection, which know no model.
@@ -450,6 +458,11 @@ class Checkpointer:
         if not (step_dir / "opt_state").is_dir():
           raise CheckpointError(f"{step_dir / 'opt_state'}: missing, but an optimizer state target was given")
         args["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+      if abstract_arrays is not None:
+        if not (step_dir / "arrays").is_dir():
+          raise CheckpointError(f"{step_dir / 'arrays'}: missing, but an arrays target was given (a checkpoint "
+                                "written without them, e.g. by a run with other settings)")
+        args["arrays"] = ocp.args.StandardRestore(abstract_arrays)
       restored = self._manager.restore(step, args=ocp.args.Composite(**args))
       params = restored["params"]
       if abstract_params is not None:
@@ -458,6 +471,10 @@ class Checkpointer:
       if abstract_opt_state is not None:
         opt_state = restored["opt_state"]
         _check_against_target(opt_state, abstract_opt_state, "opt_state", step_dir)
+      arrays = None
+      if abstract_arrays is not None:
+        arrays = restored["arrays"]
+        _check_against_target(arrays, abstract_arrays, "arrays", step_dir)
       state = _from_json(json.loads((step_dir / "state" / "metadata").read_text()))
       rng = _decode_rng(state.get("rng"))
     except CheckpointError as e:
@@ -476,9 +493,10 @@ class Checkpointer:
           shutil.copytree(path, self._staging / name)
     return RestoredState(step=step, params=params, opt_state=opt_state, rng=rng, data_state=small["data_state"],
                          extra=small["extra"], config=small["config"], versions=small["versions"], path=step_dir,
-                         assets=small["assets"])
+                         assets=small["assets"], arrays=arrays)
 
-  def restore_latest(self, abstract_params: Any, abstract_opt_state: Any = None) -> RestoredState | None:
+  def restore_latest(self, abstract_params: Any, abstract_opt_state: Any = None,
+                     abstract_arrays: Any = None) -> RestoredState | None:
     """Restores the newest step that restores; None when there is no checkpoint at all.
 
     An unreadable step is logged (step, path, cause) and the previous one is tried. Steps that failed
@@ -491,7 +509,7 @@ class Checkpointer:
     failed: list[tuple[int, CheckpointError]] = []
     for step in steps:
       try:
-        restored = self.restore(step, abstract_params, abstract_opt_state)
+        restored = self.restore(step, abstract_params, abstract_opt_state, abstract_arrays)
       except CheckpointError as e:
         logger.error("%s; falling back to an older checkpoint", e)
         failed.append((step, e))

@@ -383,3 +383,21 @@ def test_nan_loss_stops_run_and_keeps_last_good_checkpoint(tmp_path):
   ck.close()
   r = Checkpointer(tmp_path).restore_latest({"w": jax.ShapeDtypeStruct((4,), jnp.float32)})
   assert r.step == 3 and r.extra == {"loss": 0.25}
+
+
+def test_arrays_item_roundtrips_and_its_absence_is_named(tmp_path):
+  """``arrays`` (e.g. PPO's running episodes) is saved and restored beside the params; a target for a step
+  written without it is an error naming the item."""
+  params = {"w": jnp.arange(4.0)}
+  arrays = {"reacher": {"000": jnp.arange(6, dtype=jnp.int32).reshape(3, 2), "001": jnp.ones((3,), jnp.uint8)}}
+  with Checkpointer(tmp_path, keep=3) as ckpt:
+    ckpt.save(1, params=params, arrays=arrays, force=True)
+    ckpt.save(2, params=params, force=True)
+  with Checkpointer(tmp_path, read_only=True) as ckpt:
+    got = ckpt.restore(1, abstract_like(params), abstract_arrays=abstract_like(arrays))
+    for k, v in arrays["reacher"].items():
+      np.testing.assert_array_equal(np.asarray(got.arrays["reacher"][k]), np.asarray(v))
+      assert got.arrays["reacher"][k].dtype == v.dtype
+    assert ckpt.restore(2, abstract_like(params)).arrays is None
+    with pytest.raises(CheckpointError, match="arrays.*missing"):
+      ckpt.restore(2, abstract_like(params), abstract_arrays=abstract_like(arrays))

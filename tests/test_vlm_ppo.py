@@ -275,6 +275,38 @@ def test_collector_with_text_prefix_cache_equals_per_step_decoding(assets, name)
   np.testing.assert_allclose(np.asarray(boot_a), np.asarray(boot_b), atol=1e-5)
 
 
+def test_continued_episodes_equal_one_longer_rollout(assets):
+  """Two collector calls of T steps, the second continuing the episodes the first left running, give the same
+  trajectory as one call of 2T steps (greedy, so the per-call keys do not matter; the text cache is recomputed
+  at the start of the second call)."""
+  from gea_jax.agent.rollout import initial_episodes
+  _, ctx, model = _setup(assets, "full")
+  e = ctx.index("grid_goto")
+  env = registry.make("grid_goto")
+  n, T = 3, 3
+  pool = make_reset_pool(env, ctx, e, jax.random.key(1), 8)
+  mask_table = jnp.asarray(ctx.vocab.mask_table)
+  graphdef, state = nnx.split(model)
+  long = make_collector(ctx, e, env, 2 * T, greedy=True)
+  whole, boot_whole = jax.jit(lambda st, pool, mt: long(nnx.merge(graphdef, st), pool, n, jax.random.key(2), mt))(
+      state, pool, mask_table)
+  done = np.asarray(whole.termination | whole.truncation)
+  assert not done[T:].any()  # precondition: no reset in the second half (its pool entries would differ)
+  cont = make_collector(ctx, e, env, T, greedy=True, continue_episodes=True)
+  f = jax.jit(lambda st, pool, key, mt, start: cont(nnx.merge(graphdef, st), pool, n, key, mt, start))
+  first, _, running = f(state, pool, jax.random.key(3), mask_table, initial_episodes(ctx, pool, n))
+  second, boot, _ = f(state, pool, jax.random.key(4), mask_table, running)
+  for field in ("tokens", "reward", "text_ids", "states", "images"):
+    got = np.concatenate([np.asarray(getattr(first, field)), np.asarray(getattr(second, field))])
+    np.testing.assert_array_equal(got, np.asarray(getattr(whole, field)), err_msg=field)
+  for field in ("logp", "value"):
+    got = np.concatenate([np.asarray(getattr(first, field)), np.asarray(getattr(second, field))])
+    np.testing.assert_allclose(got, np.asarray(getattr(whole, field)), atol=1e-5, err_msg=field)
+  np.testing.assert_allclose(np.asarray(boot), np.asarray(boot_whole), atol=1e-5)
+  with pytest.raises(ValueError, match="continue_episodes=True needs start="):
+    cont(model, pool, n, jax.random.key(0), mask_table)
+
+
 def test_evaluation_with_text_prefix_cache_is_unchanged(assets, monkeypatch):
   """Same results and the same actions at every step with the text cached once as with the whole prompt."""
   from gea_jax import eval as ev

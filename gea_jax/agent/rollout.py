@@ -15,6 +15,13 @@ prompt plus the action tokens. The carried cache holds the buffers the last deci
 slots into (`reuse_prefix_buffers`: not valid, overwritten by the next decision), so XLA writes them in place.
 ``prefix_cache=False`` runs the whole prompt every step (the per-step cache).
 
+``make_collector(..., continue_episodes=True)`` gives ``collect(model, pool, num_envs, key, mask_table, start) ->
+(Trajectory, bootstrap value, Episodes)``: the envs start from ``start`` (the running episodes a previous call
+returned, or `initial_episodes` of a pool) instead of ``pool[:N]``, and the episodes still running at the end come
+back, so that successive calls (PPO iterations) continue them: episodes longer than one call's ``T`` steps are
+then seen to their end, as in Brax's PPO. The text cache is recomputed at the start of every call (the
+parameters change between calls).
+
 Sharding: inside `gea_jax.sharding.use_mesh` the scan's carry and each step's outputs are pinned to the "envs"
 logical axis (the mesh's batch axes by default), so each device steps and decodes its own slice of the envs.
 One key per step samples every env's tokens (`jax.random.categorical` over the [N, C] logits); jax's
@@ -48,6 +55,22 @@ class ResetPool:
   states: object          # EnvState [P, ...]
   text_ids: jax.Array     # [P, text_len]
   text_mask: jax.Array    # [P, text_len]
+
+
+@struct.dataclass
+class Episodes:
+  """The running episodes of ``N`` envs between collector calls (leading axis N on every leaf)."""
+
+  env_state: object       # EnvState [N, ...]
+  buffers: object         # RolloutBuffers [N, ...]: the frame/action history of the running episodes
+  text_ids: jax.Array     # [N, text_len]
+  text_mask: jax.Array    # [N, text_len]
+
+
+def initial_episodes(ctx: AgentContext, pool: ResetPool, n: int) -> Episodes:
+  """``N`` fresh episodes: the first ``N`` entries of ``pool`` with empty buffers."""
+  return Episodes(env_state=_take(pool.states, jnp.arange(n)), buffers=init_buffers(ctx, n),
+                  text_ids=pool.text_ids[:n], text_mask=pool.text_mask[:n])
 
 
 @struct.dataclass
@@ -135,8 +158,12 @@ def refresh_prefix_rows(model, layout: PromptLayout, prefix: KVCache, done, text
 
 def make_collector(ctx: AgentContext, e: int, env, num_steps: int, *, greedy: bool = False,
                    temperature: float = 1.0, decode_fn=None, prefix_cache: bool | None = None,
-                   prefix_chunk: int | None = None):
+                   prefix_chunk: int | None = None, continue_episodes: bool = False):
   """``collect(model, pool, num_envs, key, mask_table) -> (Trajectory, bootstrap_value [N])``.
+
+  ``continue_episodes``: ``collect(model, pool, num_envs, key, mask_table, start) -> (Trajectory, bootstrap value,
+  Episodes)``, starting from the running episodes ``start`` and returning those running at the end (see the module
+  docstring).
 
   Envs start from ``pool[:N]``; the k-th episode end (over all envs, in row order per step) takes
   ``pool[N + k mod (P - N)]``. Not jitted here: wrap it (the trainer jits it over split model state).
@@ -150,17 +177,21 @@ def make_collector(ctx: AgentContext, e: int, env, num_steps: int, *, greedy: bo
   L = ctx.layout
   use_prefix = decode_fn is None if prefix_cache is None else bool(prefix_cache)
 
-  def collect(model, pool: ResetPool, num_envs: int, key, mask_table):
+  def collect(model, pool: ResetPool, num_envs: int, key, mask_table, start: Episodes | None = None):
     n = num_envs
     p = pool.text_ids.shape[0]
     if p <= n:
       raise ValueError(f"reset pool of {p} states must be larger than num_envs={n}")
-    first = jnp.arange(n)
+    if continue_episodes and start is None:
+      raise ValueError("collect: continue_episodes=True needs start= (the previous call's Episodes, or "
+                       "initial_episodes(ctx, pool, num_envs))")
+    if start is None:
+      start = initial_episodes(ctx, pool, n)
     chunk = prefix_chunk or -(-n // 4)
     # the text's KV cache (None without the prefix path: an empty pytree in the carry)
-    prefix0 = text_prefix_cache(model, L, pool.text_ids[:n], pool.text_mask[:n]) if use_prefix else None
-    carry0 = _on_envs((_take(pool.states, first), init_buffers(ctx, n), pool.text_ids[:n], pool.text_mask[:n],
-                       jnp.zeros((), jnp.int32), prefix0), n)
+    prefix0 = text_prefix_cache(model, L, start.text_ids, start.text_mask) if use_prefix else None
+    carry0 = _on_envs((start.env_state, start.buffers, start.text_ids, start.text_mask, jnp.zeros((), jnp.int32),
+                       prefix0), n)
     fresh = _on_envs(init_buffers(ctx, n), n)
 
     def step(carry, k):
@@ -190,6 +221,8 @@ def make_collector(ctx: AgentContext, e: int, env, num_steps: int, *, greedy: bo
     carry, traj = jax.lax.scan(step, carry0, jax.random.split(k_steps, num_steps))
     env_state, buffers, text_ids, text_mask, _, prefix = carry
     boot = policy(model, buffers, env_state.obs, text_ids, text_mask, k_boot, mask_table, prefix)[3]
+    if continue_episodes:
+      return traj, boot, Episodes(env_state=env_state, buffers=buffers, text_ids=text_ids, text_mask=text_mask)
     return traj, boot
 
   collect.spec = spec
@@ -235,5 +268,5 @@ def decode_without_cache(model, layout: PromptLayout, prompt, mask_table, token_
   return Decoded(tokens, total, value)
 
 
-__all__ = ["ResetPool", "Trajectory", "make_reset_pool", "make_collector", "refresh_prefix_rows", "sequences",
+__all__ = ["Episodes", "ResetPool", "Trajectory", "initial_episodes", "make_reset_pool", "make_collector", "refresh_prefix_rows", "sequences",
            "decode_without_cache"]

@@ -30,9 +30,14 @@ independent of the sharding, so an iteration on 8 devices samples the same actio
 parameters to within float rounding (tests/test_vlm_ppo.py). ``ppo.num_envs``, the minibatch (transitions /
 ``ppo.num_minibatches``) and ``ppo.sft_batch_size`` must be divisible by the data*fsdp size (`validate_mesh`).
 
-Every iteration starts from freshly reset envs drawn from ``fold_in(seed, iteration)``, so a checkpoint
-(trainable params, optimizer state, iteration, and the expert iterator's state when ``ppo.sft_coef > 0``)
-resumes bit-exactly without saving simulator state.
+Episodes continue across iterations (``ppo.continue_episodes``, default on, as in Brax's PPO): each iteration's
+collector starts from the episodes the previous one left running (the first from a reset pool), so an episode
+longer than ``ppo.unroll_length`` steps is played to its end over several iterations; otherwise PPO would only ever
+see every episode's first ``unroll_length`` steps (reacher's episodes run up to 100 steps, the agent's failures are
+in their second half). Envs that finish reset from a pool drawn from ``fold_in(seed, iteration)``. A checkpoint
+(trainable params, optimizer state, iteration, the running episodes, and the expert iterator's state when
+``ppo.sft_coef > 0``) resumes bit-exactly. With ``continue_episodes=False`` every iteration starts from freshly
+reset envs (the behaviour before session 6).
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ from gea_jax import sharding
 from gea_jax.agent.context import AgentContext
 from gea_jax.agent.model import AgentModel, trainable_filter
 from gea_jax.agent.policy import action_scores, candidate_ids, sft_loss
-from gea_jax.agent.rollout import make_collector, make_reset_pool, sequences
+from gea_jax.agent.rollout import initial_episodes, make_collector, make_reset_pool, sequences
 from gea_jax.agent.sequence import fill_action_ids
 from gea_jax.checkpoint import Checkpointer, abstract_like
 from gea_jax.reporting import MetricWriter, Progress
@@ -73,6 +78,7 @@ def ppo_defaults() -> ml_collections.ConfigDict:
   c.embodiments = ""            # "" = data.embodiments
   c.num_envs = 8                # per embodiment
   c.unroll_length = 16          # env steps per env per iteration
+  c.continue_episodes = True    # episodes run on across iterations (False: every iteration starts from resets)
   c.reset_pool = 4              # pool of num_envs * (1 + reset_pool) reset states for auto-reset
   c.task_split = "train"
   c.num_epochs = 2
@@ -257,13 +263,17 @@ class VlmPPO:
     graphdef = self.graphdef
     state_sh = jax.tree.map(lambda x: x.sharding, (self.params, self.opt_state))
 
+    self.continue_episodes = bool(p.get("continue_episodes", False))
+    self.episodes = [None] * len(self.names)  # running episodes per embodiment (continue_episodes)
+    out_shardings = (self.traj_sharding, self.pool_sharding) + ((self.pool_sharding,) if self.continue_episodes else ())
+
     def collector(e_idx):
       collect = make_collector(ctx, self.ids[e_idx], self.envs[e_idx], T, greedy=False,
-                               temperature=float(p.temperature))
+                               temperature=float(p.temperature), continue_episodes=self.continue_episodes)
 
-      def fn(params, rest, pool, key, mask_table):
-        return collect(nnx.merge(graphdef, params, rest), pool, n, key, mask_table)
-      return jax.jit(fn, out_shardings=(self.traj_sharding, self.pool_sharding))
+      def fn(params, rest, pool, key, mask_table, start=None):
+        return collect(nnx.merge(graphdef, params, rest), pool, n, key, mask_table, start)
+      return jax.jit(fn, out_shardings=out_shardings)
 
     # Learners with the same model structure, context, embodiments, hyperparameters and mesh share compiled code
     # (a resumed run in the same process, or PPO after PPO, does not compile again).
@@ -371,7 +381,14 @@ class VlmPPO:
         pool = make_reset_pool(env, self.ctx, e, jax.random.fold_in(k, 0), n * (1 + int(p.reset_pool)),
                                str(p.task_split))
         pool = jax.device_put(pool, self.pool_sharding)
-        traj, boot = self._collect[i](self.params, self.rest, pool, jax.random.fold_in(k, 1), self.mask_table)
+        if self.continue_episodes:
+          start = self.episodes[i]
+          if start is None:  # the first iteration (or a run without saved episodes): fresh ones from the pool
+            start = jax.device_put(initial_episodes(self.ctx, pool, n), self.pool_sharding)
+          traj, boot, self.episodes[i] = self._collect[i](self.params, self.rest, pool, jax.random.fold_in(k, 1),
+                                                          self.mask_table, start)
+        else:
+          traj, boot = self._collect[i](self.params, self.rest, pool, jax.random.fold_in(k, 1), self.mask_table)
         trajs.append(traj)
         boots.append(boot)
         ends = float(jnp.sum(traj.termination | traj.truncation))
@@ -404,6 +421,36 @@ class VlmPPO:
     from gea_jax.train.sft import device_batch
     return device_batch(next(self.sft_iterator), self.mesh)
 
+  def episode_arrays(self) -> dict | None:
+    """The running episodes as a checkpointable tree ({embodiment: {leaf index: array}}; PRNG keys as their
+    data); None when episodes do not continue or none has run yet."""
+    if not self.continue_episodes or any(e is None for e in self.episodes):
+      return None
+    return {name: _leaf_dict(ep) for name, ep in zip(self.names, self.episodes)}
+
+  def episode_target(self, it: int) -> dict | None:
+    """A restore target for `episode_arrays` (fresh episodes of iteration ``it``'s pool, same shapes/shardings)."""
+    if not self.continue_episodes:
+      return None
+    n = int(self.p.num_envs)
+    templates = []
+    for i, (e, env) in enumerate(zip(self.ids, self.envs)):
+      k = jax.random.fold_in(jax.random.fold_in(self.seed_key, it), i)
+      pool = make_reset_pool(env, self.ctx, e, jax.random.fold_in(k, 0), n + 1, str(self.p.task_split))
+      templates.append(jax.device_put(initial_episodes(self.ctx, pool, n), self.pool_sharding))
+    self._episode_templates = templates
+    return {name: _leaf_dict(t) for name, t in zip(self.names, templates)}
+
+  def set_episode_arrays(self, arrays: dict) -> None:
+    """Inverse of `episode_arrays` (after `episode_target` built the templates)."""
+    eps = []
+    for name, t in zip(self.names, self._episode_templates):
+      leaves = jax.tree.leaves(t)
+      got = [arrays[name][f"{j:03d}"] if x.size else x for j, x in enumerate(leaves)]  # empty leaves are not saved
+      got = [jax.random.wrap_key_data(g, impl=jax.random.key_impl(x)) if _is_key(x) else g for g, x in zip(got, leaves)]
+      eps.append(jax.device_put(jax.tree.unflatten(jax.tree.structure(t), got), self.pool_sharding))
+    self.episodes = eps
+
   def sync(self) -> AgentModel:
     nnx.update(self.model, self.params)
     return self.model
@@ -419,6 +466,16 @@ class PpoResult:
   final_metrics: dict[str, float]
   curves: dict[str, list[tuple[int, float]]]
   wall_time: float
+
+
+def _is_key(x) -> bool:
+  return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _leaf_dict(tree) -> dict:
+  """{leaf index: array} of a pytree's non-empty leaves (orbax saves no zero-size arrays; PRNG keys as data)."""
+  return {f"{j:03d}": jax.random.key_data(x) if _is_key(x) else x for j, x in enumerate(jax.tree.leaves(tree))
+          if x.size}
 
 
 def train(config, workdir: str, model: AgentModel, ctx: AgentContext, embodiments: Sequence[str] | None = None,
@@ -457,10 +514,21 @@ def train(config, workdir: str, model: AgentModel, ctx: AgentContext, embodiment
   ckpt = Checkpointer(os.path.join(workdir, "ppo"), keep=int(p.keep_checkpoints),
                       save_every=int(p.checkpoint_every), config=config)
   start = 0
-  restored = ckpt.restore_latest(abstract_like(learner.params, mesh), abstract_like(learner.opt_state, mesh))
+  latest = max(ckpt.all_steps(reload=True), default=None)
+  episode_target = None
+  if latest is not None and learner.continue_episodes:
+    if (ckpt.step_dir(latest) / "arrays").is_dir():
+      episode_target = learner.episode_target(latest)
+    else:  # written with ppo.continue_episodes=False (or before it existed): nothing to continue
+      logging.warning("PPO: checkpoint %s holds no running episodes; they start fresh from the reset pool",
+                      ckpt.step_dir(latest))
+  restored = ckpt.restore_latest(abstract_like(learner.params, mesh), abstract_like(learner.opt_state, mesh),
+                                 abstract_like(episode_target, mesh) if episode_target is not None else None)
   if restored is not None:
     learner.params = restored.params
     learner.opt_state = restored.opt_state
+    if restored.arrays is not None:
+      learner.set_episode_arrays(restored.arrays)
     if sft_iterator is not None and restored.data_state is not None:
       sft_iterator.set_state(restored.data_state)
     start = restored.step
@@ -485,7 +553,7 @@ def train(config, workdir: str, model: AgentModel, ctx: AgentContext, embodiment
       if ckpt.should_save(it) or it == total or preempt.requested:
         ckpt.save(it, params=learner.params, opt_state=learner.opt_state, rng=learner.seed_key, force=True,
                   data_state=sft_iterator.get_state() if sft_iterator is not None else None,
-                  extra={k: v for k, v in metrics.items() if np.isfinite(v)})
+                  arrays=learner.episode_arrays(), extra={k: v for k, v in metrics.items() if np.isfinite(v)})
       if preempt.requested:
         logging.warning("PPO: SIGTERM received; checkpoint saved at iteration %d, exiting", it)
         break
