@@ -255,7 +255,8 @@ def test_state_mlp_token_and_its_validation(assets):
   assert len(pos) == f
   expected = model.state_proj(jax.nn.gelu(model.state_mlp(states)))
   np.testing.assert_allclose(np.asarray(x[:, pos]), np.asarray(expected[:, frame[pos]]), rtol=1e-5, atol=1e-6)
-  assert build_agent(tiny_config().model, L, ctx.max_state_dim, ctx.vocab.total_vocab_size).state_mlp is None
+  config.model.state_hidden_dim = 0  # the linear state token
+  assert build_agent(config.model, L, ctx.max_state_dim, ctx.vocab.total_vocab_size).state_mlp is None
   config.model.state_hidden_dim = -1
   with pytest.raises(ConfigError, match="model.state_hidden_dim"):
     sft.validate_model(config)

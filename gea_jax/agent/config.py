@@ -45,7 +45,10 @@ def agent_config():
   c.model.text_tokenizer = "smollm2"  # "smollm2" | HF dir | SentencePiece .model | .gguf
   c.model.text_len = 40
   c.model.use_state = True
-  c.model.state_hidden_dim = 0    # state token: 0 = linear projection of the state; > 0 = GELU MLP of this width
+  # state token: a GELU MLP of this width over the normalized state (0 = a linear projection). The expert's
+  # control law is a nonlinear function of the state (reacher: inverse kinematics + PD); with the linear token the
+  # agent alone on reacher reached 72-73% held-out success, with the MLP 84-88% (docs/benchmarks.md, session 6)
+  c.model.state_hidden_dim = 256
   c.model.value_hidden_dim = 128
   c.model.llm = ml_collections.ConfigDict()
   c.model.llm.source = "random"   # "random" (dims below) | "smollm2" | HF dir | .gguf
