@@ -311,8 +311,8 @@ class Checkpointer:
       max_to_keep=keep, save_interval_steps=1, enable_async_checkpointing=async_save,
       cleanup_tmp_directories=not read_only, read_only=read_only, create=not read_only)
     handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
-                "arrays": ocp.StandardCheckpointHandler(), "state": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
-                "assets": DirectoryAssetsHandler()}
+                "arrays": ocp.StandardCheckpointHandler(), "state": ocp.JsonCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(), "assets": DirectoryAssetsHandler()}
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEM_NAMES,
                                           item_handlers=handlers)
 
@@ -420,7 +420,7 @@ class Checkpointer:
              "extra": _to_json(dict(extra or {}), "extra")}
     meta = {"format_version": FORMAT_VERSION, "config": self._config, "versions": versions(),
             "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "has_opt_state": opt_state is not None, "has_arrays": arrays is not None}
+            "has_opt_state": opt_state is not None}
     items = {"params": ocp.args.StandardSave(params), "state": ocp.args.JsonSave(state),
              "meta": ocp.args.JsonSave(meta),
              "assets": DirectoryAssetsSave({k: str(v) for k, v in self.staged_assets().items()})}

@@ -268,5 +268,5 @@ def decode_without_cache(model, layout: PromptLayout, prompt, mask_table, token_
   return Decoded(tokens, total, value)
 
 
-__all__ = ["Episodes", "ResetPool", "Trajectory", "initial_episodes", "make_reset_pool", "make_collector", "refresh_prefix_rows", "sequences",
-           "decode_without_cache"]
+__all__ = ["Episodes", "ResetPool", "Trajectory", "initial_episodes", "make_reset_pool", "make_collector",
+           "refresh_prefix_rows", "sequences", "decode_without_cache"]
