@@ -443,7 +443,8 @@ class Checkpointer:
               abstract_arrays: Any = None) -> RestoredState:
     """Restores one step onto the targets' shardings; raises ``CheckpointError`` naming step and path.
 
-    ``abstract_arrays``: the target of the ``arrays`` item (see `save`); an error when the step has none.
+    ``abstract_arrays``: the target of the ``arrays`` item (see `save`); ``RestoredState.arrays`` is None when the
+    step was saved without one (e.g. by a run with other settings).
 
     ``abstract_params=None`` restores the stored tree as saved (nested dicts of arrays on the default
     device): enough for export and inspection, which know no model.
@@ -458,10 +459,8 @@ class Checkpointer:
         if not (step_dir / "opt_state").is_dir():
           raise CheckpointError(f"{step_dir / 'opt_state'}: missing, but an optimizer state target was given")
         args["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
-      if abstract_arrays is not None:
-        if not (step_dir / "arrays").is_dir():
-          raise CheckpointError(f"{step_dir / 'arrays'}: missing, but an arrays target was given (a checkpoint "
-                                "written without them, e.g. by a run with other settings)")
+      has_arrays = abstract_arrays is not None and (step_dir / "arrays").is_dir()
+      if has_arrays:
         args["arrays"] = ocp.args.StandardRestore(abstract_arrays)
       restored = self._manager.restore(step, args=ocp.args.Composite(**args))
       params = restored["params"]
@@ -472,7 +471,7 @@ class Checkpointer:
         opt_state = restored["opt_state"]
         _check_against_target(opt_state, abstract_opt_state, "opt_state", step_dir)
       arrays = None
-      if abstract_arrays is not None:
+      if has_arrays:
         arrays = restored["arrays"]
         _check_against_target(arrays, abstract_arrays, "arrays", step_dir)
       state = _from_json(json.loads((step_dir / "state" / "metadata").read_text()))

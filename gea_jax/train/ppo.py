@@ -428,15 +428,16 @@ class VlmPPO:
       return None
     return {name: _leaf_dict(ep) for name, ep in zip(self.names, self.episodes)}
 
-  def episode_target(self, it: int) -> dict | None:
-    """A restore target for `episode_arrays` (fresh episodes of iteration ``it``'s pool, same shapes/shardings)."""
+  def episode_target(self) -> dict | None:
+    """A restore target for `episode_arrays`: fresh episodes of the same shapes and shardings (None when episodes
+    do not continue)."""
     if not self.continue_episodes:
       return None
     n = int(self.p.num_envs)
     templates = []
     for i, (e, env) in enumerate(zip(self.ids, self.envs)):
-      k = jax.random.fold_in(jax.random.fold_in(self.seed_key, it), i)
-      pool = make_reset_pool(env, self.ctx, e, jax.random.fold_in(k, 0), n + 1, str(self.p.task_split))
+      k = jax.random.fold_in(self.seed_key, i)
+      pool = make_reset_pool(env, self.ctx, e, k, n + 1, str(self.p.task_split))
       templates.append(jax.device_put(initial_episodes(self.ctx, pool, n), self.pool_sharding))
     self._episode_templates = templates
     return {name: _leaf_dict(t) for name, t in zip(self.names, templates)}
@@ -514,14 +515,7 @@ def train(config, workdir: str, model: AgentModel, ctx: AgentContext, embodiment
   ckpt = Checkpointer(os.path.join(workdir, "ppo"), keep=int(p.keep_checkpoints),
                       save_every=int(p.checkpoint_every), config=config)
   start = 0
-  latest = max(ckpt.all_steps(reload=True), default=None)
-  episode_target = None
-  if latest is not None and learner.continue_episodes:
-    if (ckpt.step_dir(latest) / "arrays").is_dir():
-      episode_target = learner.episode_target(latest)
-    else:  # written with ppo.continue_episodes=False (or before it existed): nothing to continue
-      logging.warning("PPO: checkpoint %s holds no running episodes; they start fresh from the reset pool",
-                      ckpt.step_dir(latest))
+  episode_target = learner.episode_target() if ckpt.all_steps(reload=True) else None
   restored = ckpt.restore_latest(abstract_like(learner.params, mesh), abstract_like(learner.opt_state, mesh),
                                  abstract_like(episode_target, mesh) if episode_target is not None else None)
   if restored is not None:
@@ -529,6 +523,9 @@ def train(config, workdir: str, model: AgentModel, ctx: AgentContext, embodiment
     learner.opt_state = restored.opt_state
     if restored.arrays is not None:
       learner.set_episode_arrays(restored.arrays)
+    elif episode_target is not None:  # saved with ppo.continue_episodes=False (or before it existed)
+      logging.warning("PPO: checkpoint %s holds no running episodes; they start fresh from the reset pool",
+                      restored.path)
     if sft_iterator is not None and restored.data_state is not None:
       sft_iterator.set_state(restored.data_state)
     start = restored.step
