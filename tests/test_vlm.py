@@ -199,3 +199,33 @@ def test_siglip_encoder_in_vlm(tmp_path):
   feats = vlm.vision_encoder.features(((frame - 0.5) / 0.5)[None])
   np.testing.assert_allclose(np.asarray(vlm.projector(adaptive_avg_pool(feats, GRID).reshape(1, 4, 16))[0]),
                              np.asarray(tokens[0, :4]), atol=1e-5)
+
+
+def test_film_conditioned_tiny_cnn():
+  """A fresh FiLM layer is the identity (same features as the unconditioned encoder built from the same seed);
+  once it has weights, the condition changes the features; a missing / unexpected condition is a named error."""
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(3, 16, 16, 3)), jnp.float32)
+  plain = TinyCNN((8, 16), rngs=nnx.Rngs(0), coord_channels=True)
+  film = TinyCNN((8, 16), rngs=nnx.Rngs(0), coord_channels=True, condition_dim=5)
+  cond = jnp.asarray(np.random.default_rng(1).normal(size=(3, 5)), jnp.float32)
+  np.testing.assert_allclose(np.asarray(film.features(images, cond)), np.asarray(plain.features(images)), atol=1e-6)
+  film.film.kernel.set_value(0.5 * jax.random.normal(jax.random.key(2), film.film.kernel.get_value().shape))
+  a = np.asarray(film.features(images, cond))
+  b = np.asarray(film.features(images, cond[::-1]))
+  assert not np.allclose(a[0], b[0], atol=1e-3)  # another condition, other features for the same image
+  np.testing.assert_allclose(a[1], b[1], atol=1e-6)  # the middle row kept its condition
+  with pytest.raises(ValueError, match="FiLM-conditioned"):
+    film.features(images)
+  with pytest.raises(ValueError, match="condition_dim=0"):
+    plain.features(images, cond)
+  # in the VLM: each row's condition is shared by its frames; a conditioned VLM without one is a named error
+  vlm = make_vlm(tiny_cnn_condition_dim=32)
+  assert vlm.condition_dim == 32
+  ids, frames = make_batch()
+  with pytest.raises(ValueError, match="FiLM-conditioned"):
+    vlm.embed_inputs(ids, frames)
+  row_cond = jnp.ones((2, 32))
+  out = vlm.embed_inputs(ids, frames, condition=row_cond)
+  assert out.shape == (2, 14, 32)
+  with pytest.raises(ValueError, match="tiny_cnn encoder only"):
+    VLMConfig(vision="efficientnet_lite0", tiny_cnn_condition_dim=8)

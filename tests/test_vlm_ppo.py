@@ -33,10 +33,11 @@ from gea_jax.train import ppo
 assets = test_sft.assets  # the module-scoped fixture: synthetic datasets + untrained RVQ artifact
 
 
-def _config(mode="lora", history=None):
+def _config(mode="lora", history=None, film=False):
   c = tiny_config()
   if history is not None:
     c.data.history = history
+  c.model.vision.text_film = film
   c.model.train_mode = mode
   c.ppo = ppo.ppo_defaults()
   c.ppo.train_mode = ""  # follow model.train_mode (the default trains LoRA, GEA's choice)
@@ -54,10 +55,14 @@ def _config(mode="lora", history=None):
   return c
 
 
-def _setup(assets, mode="lora", history=None):
-  config = _config(mode, history)
+def _setup(assets, mode="lora", history=None, film=False):
+  config = _config(mode, history, film)
   ctx = load_context(config, assets["artifact"], assets["data_dir"], EMBODIMENTS)
   model = build_agent(config.model, ctx.layout, ctx.max_state_dim, ctx.vocab.total_vocab_size, seed=1)
+  if film:  # the FiLM layer starts at zero (no effect): give it weights, so the text really conditions the images
+    enc = model.vlm.vision_encoder
+    k = enc.film.kernel.get_value()
+    enc.film.kernel.set_value(0.3 * jax.random.normal(jax.random.key(7), k.shape, k.dtype))
   return config, ctx, model
 
 
@@ -82,10 +87,11 @@ def _prompts(ctx, n=6, seed=0):
   return p, jnp.asarray(tok_valid), (text, tmask, fvalid, hist)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.5])
-def test_sampled_logp_equals_teacher_forced(assets, temperature):
-  """At any sampling temperature: what PPO's update re-scores is the log-prob the collector sampled with."""
-  _, ctx, model = _setup(assets)
+@pytest.mark.parametrize("temperature,film", [(1.0, False), (0.5, False), (1.0, True)])
+def test_sampled_logp_equals_teacher_forced(assets, temperature, film):
+  """At any sampling temperature: what PPO's update re-scores is the log-prob the collector sampled with (also
+  with the vision encoder conditioned on the text)."""
+  _, ctx, model = _setup(assets, film=film)
   L = ctx.layout
   assert max(ctx.tokens_per_action()) > 1  # several tokens per action: the sum over tokens is exercised
   prompt, tok_valid, (text, tmask, fvalid, hist) = _prompts(ctx)
@@ -131,10 +137,11 @@ def test_kv_cache_decoding_equals_recomputed_context(assets):
   assert len({tuple(r) for r in np.asarray(cached.tokens).tolist()}) > 1
 
 
-@pytest.mark.parametrize("greedy", [True, False])
-def test_text_prefix_cache_decoding_equals_whole_prompt(assets, greedy):
-  """The frame part on top of the text's KV cache = the whole prompt (rows differ in text and history length)."""
-  _, ctx, model = _setup(assets, "full")
+@pytest.mark.parametrize("greedy,film", [(True, False), (False, False), (False, True)])
+def test_text_prefix_cache_decoding_equals_whole_prompt(assets, greedy, film):
+  """The frame part on top of the text's KV cache = the whole prompt (rows differ in text and history length);
+  with ``film`` the vision encoder is conditioned on the text, which the frame part gets passed alongside."""
+  _, ctx, model = _setup(assets, "full", film=film)
   L = ctx.layout
   prompt, tok_valid, (text, tmask, fvalid, _) = _prompts(ctx, n=8, seed=2)
   assert len(set(tmask.sum(1).tolist())) > 1 and len(set(fvalid.sum(1).tolist())) > 1  # the batch is mixed
@@ -248,10 +255,10 @@ def test_text_prefix_cache_misuse_is_named(assets):
     decode_action_tokens(model, L, prompt, mask_table, tok_valid, jax.random.key(0), greedy=True, prefix_cache=other)
 
 
-@pytest.mark.parametrize("name", ["reacher", "grid_goto"])
-def test_collector_with_text_prefix_cache_equals_per_step_decoding(assets, name):
+@pytest.mark.parametrize("name,film", [("reacher", False), ("grid_goto", False), ("grid_goto", True)])
+def test_collector_with_text_prefix_cache_equals_per_step_decoding(assets, name, film):
   """Same trajectory with the text cache carried across steps (and recomputed on auto-resets) as without."""
-  _, ctx, model = _setup(assets, "full")
+  _, ctx, model = _setup(assets, "full", film=film)
   e = ctx.index(name)
   env = registry.make(name, max_episode_steps=3)  # short episodes: the scan goes through auto-resets
   n, T = 3, 8

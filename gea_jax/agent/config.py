@@ -70,6 +70,8 @@ def agent_config():
   c.model.vision.image_size = 0        # 0 = the encoder's own / the data's size
   c.model.vision.channels = (16, 32, 64)
   c.model.vision.coord_channels = True  # tiny_cnn: append (row, col) input channels (CoordConv)
+  # tiny_cnn: FiLM-condition the encoder on the prompt's text (RT-1's FiLM-EfficientNet does this with the instruction)
+  c.model.vision.text_film = False
 
   c.rvq = ml_collections.ConfigDict()
   c.rvq.num_levels = 2

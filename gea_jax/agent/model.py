@@ -3,7 +3,9 @@
 It consumes the fixed-slot sequences of `gea_jax.agent.prompt`: image slots receive the projected
 image tokens of their frame, state slots a projection of that frame's proprioceptive state (linear, or a
 one-hidden-layer GELU MLP when ``model.state_hidden_dim`` > 0),
-every other slot the LLM's token embedding. `AgentModel.forward` also runs a part of a sequence
+every other slot the LLM's token embedding. With ``model.vision.text_film`` the vision encoder is FiLM-conditioned
+on the prompt's text (the masked mean of its token embeddings; RT-1 conditions its encoder on the instruction
+the same way), so the image tokens can already single out what the instruction names. `AgentModel.forward` also runs a part of a sequence
 (``offset``): the text alone, or the frames on top of a KV cache of the text
 (`gea_jax.agent.policy.text_prefix_cache`). `build_agent` makes one from a config: a random tiny LLM
 for fast CPU runs, or a pretrained LLM (HF directory / GGUF) whose vocabulary is grown to hold the
@@ -76,19 +78,31 @@ class AgentModel(nnx.Module):
                        f"prompt_len={L.prompt_len} or seq_len={L.seq_len})")
     return start, end
 
+  def text_condition(self, text_ids: jax.Array, text_mask: jax.Array) -> jax.Array:
+    """The vision encoder's FiLM condition: the masked mean of the text slots' token embeddings, [b, d]."""
+    L = self.layout
+    if text_ids.shape[-1] != L.text_len or text_mask.shape != text_ids.shape:
+      raise ValueError(f"AgentModel.text_condition: expected text_ids and text_mask [batch, text_len={L.text_len}], "
+                       f"got {tuple(text_ids.shape)} and {tuple(text_mask.shape)}")
+    m = text_mask.astype(jnp.float32)[..., None]
+    emb = self.llm.embed(text_ids.astype(jnp.int32)).astype(jnp.float32)
+    return (emb * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+
   def embed(self, input_ids: jax.Array, images: jax.Array | None, states: jax.Array | None,
-            offset: int = 0) -> jax.Array:
+            offset: int = 0, condition: jax.Array | None = None) -> jax.Array:
     """input_ids [b,S], images [b,F,H,W,3], states [b,F,Ds] -> embeddings [b,S,d].
 
     ``input_ids`` holds the layout's slots ``offset .. offset + S`` (see `part_bounds`); images / states may
-    be None when that part has no image / state slot (the text alone).
+    be None when that part has no image / state slot (the text alone). ``condition``: the `text_condition` a
+    FiLM-conditioned vision encoder needs for the image slots.
     """
     b, s = input_ids.shape
     start, end = self.part_bounds(offset, s)
     kind = np.asarray(self._kind[start:end])
     has_images = bool((kind == IMAGE_SLOT).any())
     image_mask = jnp.broadcast_to(kind == IMAGE_SLOT, (b, s))
-    x = self.vlm.embed_inputs(input_ids, images if has_images else None, image_mask)
+    x = self.vlm.embed_inputs(input_ids, images if has_images else None, image_mask,
+                              condition if has_images else None)
     if self.layout.use_state and (kind == STATE_SLOT).any():
       if states is None:
         raise ValueError("AgentModel.embed: this part of the layout has state slots but states is None")
@@ -103,11 +117,23 @@ class AgentModel(nnx.Module):
     return constrain(x, ("batch", "length", "embed"))
 
   def forward(self, input_ids, images, states, attention_mask, positions, cache=None, offset: int = 0,
-              keep_last: int | None = None) -> LlmOutput:
+              keep_last: int | None = None, text_ids=None, text_mask=None) -> LlmOutput:
     """Hidden states of the layout's slots ``offset .. offset + S`` (``offset=text_len``: the frames on top of a
     text-prefix ``cache``; ``positions`` are those of the full sequence). ``keep_last``: only the last that many
-    positions' hidden states (see `CausalLM.forward`; 0 with a cache: just fill it)."""
-    x = self.embed(input_ids, images, states, offset)
+    positions' hidden states (see `CausalLM.forward`; 0 with a cache: just fill it). ``text_ids`` / ``text_mask``
+    [b, text_len]: the text slots' ids and attention mask, needed by a FiLM-conditioned vision encoder when the
+    part starts after the text (at offset 0 they are read from ``input_ids`` / ``attention_mask``)."""
+    condition = None
+    L = self.layout
+    if self.vlm.condition_dim and (np.asarray(self._kind[offset:offset + input_ids.shape[1]]) == IMAGE_SLOT).any():
+      if offset == 0:
+        text_ids, text_mask = input_ids[:, :L.text_len], attention_mask[:, :L.text_len]
+      elif text_ids is None or text_mask is None:
+        raise ValueError("AgentModel.forward: the vision encoder is conditioned on the text (model.vision.text_film) "
+                         f"and this part starts at offset {offset}: pass text_ids and text_mask [batch, "
+                         f"text_len={L.text_len}]")
+      condition = self.text_condition(text_ids, text_mask)
+    x = self.embed(input_ids, images, states, offset, condition)
     return self.llm.forward(inputs_embeds=x, positions=positions, attention_mask=attention_mask, cache=cache,
                             compute_logits=False, keep_last=keep_last)
 
@@ -170,7 +196,8 @@ def build_agent(model_cfg, layout: PromptLayout, state_dim: int, vocab_size: int
   v = model_cfg.vision
   vcfg = VLMConfig(vision=v.encoder, pool_grid=tuple(v.pool_grid), image_size=v.image_size or None,
                    value_hidden_dim=int(model_cfg.value_hidden_dim), tiny_cnn_channels=tuple(v.channels),
-                   tiny_cnn_coords=bool(v.get("coord_channels", False)))
+                   tiny_cnn_coords=bool(v.get("coord_channels", False)),
+                   tiny_cnn_condition_dim=llm.config.hidden_size if v.get("text_film", False) else 0)
   vlm = build_vlm(vcfg, llm, rngs=rngs)
   return AgentModel(vlm, layout, state_dim, state_hidden=int(model_cfg.get("state_hidden_dim", 0)), rngs=rngs)
 

@@ -180,7 +180,8 @@ def decode_action_tokens(model, layout: PromptLayout, prompt, mask_table, token_
     s = layout.text_len
     out = model.forward(prompt["input_ids"][:, s:], prompt["image"], prompt["state"],
                         prompt["attention_mask"][:, s:], prompt["positions"][:, s:], cache=prefix_cache,
-                        offset=s, keep_last=1)
+                        offset=s, keep_last=1, text_ids=prompt["input_ids"][:, :s],
+                        text_mask=prompt["attention_mask"][:, :s])
   cache = out.cache
   h = out.hidden_states[:, -1:]
   value = (model.value(h[:, 0]) if model.vlm.value_head is not None else jnp.zeros((b,), jnp.float32))

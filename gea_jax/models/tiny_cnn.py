@@ -5,12 +5,18 @@ with GELU, then a LayerNorm over channels. With ``coord_channels`` two constant 
 pixel's (row, column) in [-1, 1] are appended to the input (CoordConv), so the features say *where* a thing
 is, not only what it is: the VLM average-pools the feature map to a few tokens, and without them the
 position of an object inside a pooled cell would be lost. ``image_mean`` / ``image_std`` map pixels in [0, 1] to [-1, 1].
+
+With ``condition_dim`` > 0 the encoder is FiLM-conditioned (as RT-1's FiLM-EfficientNet is on the instruction):
+``features(images, condition)`` takes a vector per image, and after each convolution the feature map becomes
+``x * (1 + gamma) + beta`` with ``(gamma, beta)`` a linear function of the layer-normalised condition. The FiLM
+layer starts at zero, so a fresh conditioned encoder computes exactly what the unconditioned one does.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from gea_jax.sharding import constrain
@@ -21,7 +27,7 @@ class TinyCNN(nnx.Module):
   image_std = (0.5, 0.5, 0.5)
 
   def __init__(self, channels: tuple[int, ...] = (16, 32, 64), *, rngs: nnx.Rngs, in_channels: int = 3,
-               dtype=jnp.float32, coord_channels: bool = False):
+               dtype=jnp.float32, coord_channels: bool = False, condition_dim: int = 0):
     channels = tuple(channels)
     if not channels or any(not isinstance(c, int) or c <= 0 for c in channels):
       raise ValueError(f"TinyCNN.channels: expected a non-empty tuple of positive ints, got {channels!r}")
@@ -39,17 +45,46 @@ class TinyCNN(nnx.Module):
                               scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
                               bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)), rngs=rngs)
     self.feature_dim = cin
+    self.channels = channels
+    self.condition_dim = int(condition_dim)
+    if self.condition_dim < 0:
+      raise ValueError(f"TinyCNN.condition_dim: expected >= 0 (0 = no FiLM conditioning), got {condition_dim}")
+    film_norm = film = None
+    if self.condition_dim:
+      film_norm = nnx.LayerNorm(self.condition_dim, dtype=dtype, param_dtype=dtype,
+                                scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
+                                bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)), rngs=rngs)
+      film = nnx.Linear(self.condition_dim, 2 * sum(channels), dtype=dtype, param_dtype=dtype,
+                        kernel_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed", None)),
+                        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (None,)), rngs=rngs)
+    self.film_norm = nnx.data(film_norm)
+    self.film = nnx.data(film)
 
-  def features(self, images: jax.Array) -> jax.Array:
+  def features(self, images: jax.Array, condition: jax.Array | None = None) -> jax.Array:
+    """``[b, H, W, in_channels]`` (+ ``condition [b, condition_dim]`` when FiLM-conditioned) -> feature map."""
     if images.ndim != 4 or images.shape[-1] != self.in_channels:
       raise ValueError(f"TinyCNN: expected images [batch, height, width, {self.in_channels}] (channels last), "
                        f"got shape {tuple(images.shape)}")
+    film = None
+    if self.film is not None:
+      if condition is None or condition.shape != (images.shape[0], self.condition_dim):
+        raise ValueError(f"TinyCNN: this encoder is FiLM-conditioned: expected a condition "
+                         f"[{images.shape[0]}, {self.condition_dim}], got "
+                         f"{None if condition is None else tuple(condition.shape)}")
+      film = self.film(self.film_norm(condition.astype(images.dtype)))
+      offsets = np.cumsum((0,) + tuple(2 * c for c in self.channels))
+    elif condition is not None:
+      raise ValueError("TinyCNN: a condition was given but this encoder has no FiLM layer (condition_dim=0)")
     x = images
     if self.coord_channels:
       b, h, w, _ = images.shape
       rows = jnp.broadcast_to(jnp.linspace(-1.0, 1.0, h, dtype=images.dtype)[:, None, None], (h, w, 1))
       cols = jnp.broadcast_to(jnp.linspace(-1.0, 1.0, w, dtype=images.dtype)[None, :, None], (h, w, 1))
       x = jnp.concatenate([x, jnp.broadcast_to(jnp.concatenate([rows, cols], -1), (b, h, w, 2))], -1)
-    for conv in self.convs:
-      x = constrain(jax.nn.gelu(conv(x)), ("batch", None, None, "conv_out"))
+    for i, conv in enumerate(self.convs):
+      x = conv(x)
+      if film is not None:
+        gamma, beta = jnp.split(film[:, offsets[i]:offsets[i + 1]], 2, axis=-1)
+        x = x * (1.0 + gamma[:, None, None]) + beta[:, None, None]
+      x = constrain(jax.nn.gelu(x), ("batch", None, None, "conv_out"))
     return self.norm(x)

