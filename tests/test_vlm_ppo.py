@@ -547,3 +547,25 @@ def test_num_envs_must_split_over_the_mesh():
   config.ppo.num_envs = 6
   with pytest.raises(ConfigError, match="ppo.num_envs: must be divisible by the data\\*fsdp mesh size 8"):
     pipeline.validate(config)
+
+
+def test_flat_reward_batches_give_no_policy_signal():
+  """A sparse-reward batch without a single reward: normalized GAE would be value error blown up to unit scale;
+  with ppo.skip_flat_reward its advantages are zero (the value targets stay), with one reward they are normal."""
+  p = ppo.ppo_defaults()
+  T, N = 6, 3
+  rng = np.random.default_rng(0)
+  value = jnp.asarray(rng.normal(0.0, 0.05, (T, N)), jnp.float32)  # an untrained value head's noise
+  boot = jnp.asarray(rng.normal(0.0, 0.05, (N,)), jnp.float32)
+  term = trunc = jnp.zeros((T, N), bool)
+  flat = jnp.zeros((T, N), jnp.float32)
+  adv, target = ppo.embodiment_advantages(p, flat, value, boot, term, trunc)
+  np.testing.assert_array_equal(np.asarray(adv), 0.0)
+  p_off = ppo.ppo_defaults()
+  p_off.skip_flat_reward = False
+  adv_off, target_off = ppo.embodiment_advantages(p_off, flat, value, boot, term, trunc)
+  assert np.isclose(float(jnp.std(adv_off)), 1.0, atol=1e-3)  # the noise, normalized to unit scale
+  np.testing.assert_allclose(np.asarray(target), np.asarray(target_off))  # the value head still learns
+  one = flat.at[2, 1].set(1.0)
+  adv_one, _ = ppo.embodiment_advantages(p, one, value, boot, term, trunc)
+  assert np.isclose(float(jnp.std(adv_one)), 1.0, atol=1e-3) and float(adv_one[2, 1]) > 1.0

@@ -96,6 +96,10 @@ def ppo_defaults() -> ml_collections.ConfigDict:
   c.kl_coef = 0.05              # > 0: penalty KL(pi || frozen SFT policy) on the sampled actions
   c.reward_scaling = 1.0
   c.normalize_advantage = True  # per embodiment over its whole batch (reward scales differ across bodies)
+  # an embodiment whose batch holds one reward value only (a sparse-reward body with no success this iteration) gets
+  # zero advantages: its GAE estimates are then value-function error alone, which normalization would blow up to
+  # unit scale and follow as if it were signal (the grid lost 19 points over 150 such iterations, docs/benchmarks.md)
+  c.skip_flat_reward = True
   # GEA's joint SFT + RL: > 0 adds sft_coef x the SFT cross-entropy on a batch of expert data to every update
   # (keeps what SFT learned where PPO's batches are small or its reward says little)
   c.sft_coef = 0.0
@@ -108,6 +112,22 @@ def ppo_defaults() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.sft_workdir = ""            # run(): start from this SFT run's latest checkpoint
   return c
+
+
+def embodiment_advantages(p, reward, value, bootstrap, termination, truncation):
+  """GAE advantages (normalized per ``p.normalize_advantage``) and value targets of one embodiment's batch [T, N].
+
+  With ``p.skip_flat_reward`` a batch whose rewards are all equal gets zero advantages (no policy signal; the
+  value targets are kept, so the value head still learns).
+  """
+  adv, target = compute_gae(reward * float(p.reward_scaling), value, bootstrap, termination, truncation,
+                            float(p.discount), float(p.gae_lambda))
+  if bool(p.normalize_advantage):
+    adv = normalize_advantages(adv)
+  if bool(p.get("skip_flat_reward", False)):
+    flat = jnp.all(reward == reward.reshape(-1)[0])
+    adv = jnp.where(flat, jnp.zeros_like(adv), adv)
+  return adv, target
 
 
 def validate(config) -> None:
@@ -294,10 +314,7 @@ class VlmPPO:
     n, T = int(p.num_envs), int(p.unroll_length)
     rows = []
     for e, traj, boot in zip(self.ids, trajs, boots):
-      adv, target = compute_gae(traj.reward * float(p.reward_scaling), traj.value, boot, traj.termination,
-                                traj.truncation, float(p.discount), float(p.gae_lambda))
-      if bool(p.normalize_advantage):
-        adv = normalize_advantages(adv)
+      adv, target = embodiment_advantages(p, traj.reward, traj.value, boot, traj.termination, traj.truncation)
       # [T, N, ...] -> [N * T, ...] (explicit sizes: -1 cannot be inferred for empty leaves, e.g. no history frames)
       env_major = lambda x: jnp.swapaxes(x, 0, 1).reshape((n * T,) + x.shape[2:])
       flat = jax.tree.map(env_major, traj)
