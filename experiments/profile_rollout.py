@@ -86,7 +86,8 @@ def profile_env(args, ctx, model, graphdef, state, mask_table, name: str) -> dic
 
   def frames(s, p, c):
     return nnx.merge(graphdef, s).forward(p["input_ids"][:, s0:], images, states, p["attention_mask"][:, s0:],
-                                          p["positions"][:, s0:], cache=c, offset=s0, keep_last=1)
+                                          p["positions"][:, s0:], cache=c, offset=s0, keep_last=1,
+                                          text_ids=p["input_ids"][:, :s0], text_mask=p["attention_mask"][:, :s0])
   one_reset = jnp.zeros((n,), bool).at[0].set(True)
   refresh = jax.jit(lambda s, c, d, ids, msk: refresh_prefix_rows(nnx.merge(graphdef, s), L, c, d, ids, msk,
                                                                   -(-n // 4)))

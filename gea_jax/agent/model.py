@@ -5,9 +5,9 @@ image tokens of their frame, state slots a projection of that frame's propriocep
 one-hidden-layer GELU MLP when ``model.state_hidden_dim`` > 0),
 every other slot the LLM's token embedding. With ``model.vision.text_film`` the vision encoder is FiLM-conditioned
 on the prompt's text (the masked mean of its token embeddings; RT-1 conditions its encoder on the instruction
-the same way), so the image tokens can already single out what the instruction names. `AgentModel.forward` also runs a part of a sequence
-(``offset``): the text alone, or the frames on top of a KV cache of the text
-(`gea_jax.agent.policy.text_prefix_cache`). `build_agent` makes one from a config: a random tiny LLM
+the same way), so the image tokens can already single out what the instruction names.
+`AgentModel.forward` also runs a part of a sequence (``offset``): the text alone, or the frames on top of a KV
+cache of the text (`gea_jax.agent.policy.text_prefix_cache`). `build_agent` makes one from a config: a random tiny LLM
 for fast CPU runs, or a pretrained LLM (HF directory / GGUF) whose vocabulary is grown to hold the
 action tokens.
 """

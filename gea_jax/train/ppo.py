@@ -98,7 +98,7 @@ def ppo_defaults() -> ml_collections.ConfigDict:
   c.normalize_advantage = True  # per embodiment over its whole batch (reward scales differ across bodies)
   # an embodiment whose batch holds one reward value only (a sparse-reward body with no success this iteration) gets
   # zero advantages: its GAE estimates are then value-function error alone, which normalization would blow up to
-  # unit scale and follow as if it were signal (the grid lost 19 points over 150 such iterations, docs/benchmarks.md)
+  # unit scale and follow as if it were signal (no measurable effect on sft_vs_ppo at 40 iterations: docs/benchmarks.md)
   c.skip_flat_reward = True
   # GEA's joint SFT + RL: > 0 adds sft_coef x the SFT cross-entropy on a batch of expert data to every update
   # (keeps what SFT learned where PPO's batches are small or its reward says little)
