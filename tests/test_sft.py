@@ -260,3 +260,24 @@ def test_state_mlp_token_and_its_validation(assets):
   config.model.state_hidden_dim = -1
   with pytest.raises(ConfigError, match="model.state_hidden_dim"):
     sft.validate_model(config)
+
+
+def test_text_film_validation_and_missing_text_are_named(assets):
+  """``model.vision.text_film`` needs the tiny CNN (a ConfigError naming the key otherwise), and the frame part on a
+  text cache without the text ids is an error naming what to pass."""
+  from gea_jax.agent.model import build_agent
+  from gea_jax.config_validation import ConfigError
+  config = tiny_config()
+  config.model.vision.text_film = True
+  sft.validate_model(config)
+  ctx = load_context(config, assets["artifact"], assets["data_dir"], EMBODIMENTS)
+  model = build_agent(config.model, ctx.layout, ctx.max_state_dim, ctx.vocab.total_vocab_size)
+  L = ctx.layout
+  b, f, s = 2, L.num_frames, L.text_len
+  ids = jnp.zeros((b, L.prompt_len - s), jnp.int32)
+  with pytest.raises(ValueError, match="pass text_ids and text_mask"):
+    model.forward(ids, jnp.zeros((b, f, 16, 16, 3), jnp.uint8), jnp.zeros((b, f, ctx.max_state_dim)),
+                  jnp.ones_like(ids), jnp.zeros_like(ids), cache=model.llm.init_cache(b, L.seq_len), offset=s)
+  config.model.vision.encoder = "efficientnet_lite0"
+  with pytest.raises(ConfigError, match="model.vision.text_film"):
+    sft.validate_model(config)

@@ -101,8 +101,7 @@ class AgentModel(nnx.Module):
     kind = np.asarray(self._kind[start:end])
     has_images = bool((kind == IMAGE_SLOT).any())
     image_mask = jnp.broadcast_to(kind == IMAGE_SLOT, (b, s))
-    x = self.vlm.embed_inputs(input_ids, images if has_images else None, image_mask,
-                              condition if has_images else None)
+    x = self.vlm.embed_inputs(input_ids, images if has_images else None, image_mask, condition)
     if self.layout.use_state and (kind == STATE_SLOT).any():
       if states is None:
         raise ValueError("AgentModel.embed: this part of the layout has state slots but states is None")

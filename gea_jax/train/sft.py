@@ -52,6 +52,11 @@ def validate_model(config) -> None:
   cv.one_of(config, "model.vision.encoder", ("tiny_cnn", "efficientnet_lite0", "siglip"))
   grid = tuple(m.vision.pool_grid)
   cv.require(len(grid) == 2 and min(grid) > 0, "model.vision.pool_grid", "must be two positive ints", grid)
+  if "text_film" in m.vision:
+    cv.check_type(config, "model.vision.text_film", bool)
+    cv.require(not m.vision.text_film or m.vision.encoder == "tiny_cnn", "model.vision.text_film",
+               f"FiLM conditioning is implemented for model.vision.encoder='tiny_cnn' only (encoder is "
+               f"{m.vision.encoder!r})", m.vision.text_film)
   cv.positive(config, "model.text_len")
   if "state_hidden_dim" in m:
     cv.check_type(config, "model.state_hidden_dim", int)
