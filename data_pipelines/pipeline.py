@@ -21,7 +21,8 @@ state is just a position; see `make_train_iterator`):
 The standardized sample (before `tokenize`), with k = history, Ds/Da the widest state/action dims:
   image [k,H,W,3] uint8, history_mask [k] bool, state [k,Ds] f32, state_mask [Ds] bool,
   actions [k,Da] f32 (continuous, normalized; the last row is the target), action_indices [k] int32
-  (discrete; -1 where continuous or padded), action_mask [Da] bool, is_discrete bool,
+  (discrete; -1 where continuous or padded), action_mask [Da] bool, target_point [k,2] f32 (where the
+  instruction's object is in each frame, (row, col) fractions; -1 where unknown or padded), is_discrete bool,
   instruction str, embodiment_id int32 (index into `embodiments`), reward/discount f32,
   is_first/is_last/is_terminal bool, episode_index/step_index int32 (provenance).
 """
@@ -189,7 +190,7 @@ class StepWindows(grain.MapDataset):
     lo = max(0, t - self._history + 1)
     pad = self._history - (t + 1 - lo)
     window = {}
-    for k in ("image", "state", "action", "reward", "discount", "is_first", "is_last", "is_terminal"):
+    for k in ("image", "state", "action", "target_point", "reward", "discount", "is_first", "is_last", "is_terminal"):
       x = ep[k][lo: t + 1]
       window[k] = _pad_front(x, pad) if pad else x
     window["language_instruction"] = ep["language_instruction"][t]
@@ -306,6 +307,7 @@ class Standardize(grain.transforms.Map):
         "actions": actions,
         "action_indices": indices,
         "action_mask": action_mask,
+        "target_point": np.where(mask[:, None], w["target_point"].astype(np.float32), -1.0).astype(np.float32),
         "is_discrete": np.bool_(not self.spec.action_space.is_continuous),
         "instruction": w["language_instruction"],
         "embodiment_id": np.int32(self.embodiment_id),

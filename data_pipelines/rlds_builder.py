@@ -11,8 +11,10 @@ One dataset per embodiment (action and state shapes differ), as a builder config
     normalization.json                                action/state statistics of the train split
 
 Each record is an RLDS episode: `steps` is a nested `tfds.features.Dataset` of
-observation/image, observation/state, action, reward, discount, is_first, is_last, is_terminal and
-language_instruction, plus `episode_metadata` (embodiment, task, seed, expert, success, episode_id).
+observation/image, observation/state, action, reward, discount, is_first, is_last, is_terminal,
+language_instruction and target_point (where the instruction's object is in the image, the label of SFT's
+grounding loss; -1 when the embodiment does not say: `Embodiment.target_point`), plus `episode_metadata`
+(embodiment, task, seed, expert, success, episode_id).
 tfds 4.9.10 writes and reads nested Dataset features with NumPy only: a record decodes to a dict whose
 `steps` is a lazy sequence (each step decoded on access). Images are stored as raw bytes with zlib
 (`Encoding.ZLIB`), not as int64 lists (TFDS's default for uint8), which makes records ~30x faster to parse.
@@ -40,7 +42,7 @@ from gea_jax.envs.spec import EmbodimentSpec
 
 DATASET_NAME = "gea_episodes"
 VERSION = "1.0.0"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: steps/target_point
 SPLITS = ("train", "heldout_seed", "heldout_combo")  # the task splits of gea_jax.envs
 EPISODE_KEYS = ("image", "state", "action", "reward", "discount", "is_first", "is_last", "is_terminal")
 # An episode generator: (split, num_episodes, seed) -> iterable of episode dicts (see `validate_episode`).
@@ -71,6 +73,7 @@ def episode_features(spec: EmbodimentSpec) -> tfds.features.FeaturesDict:
           "is_last": tfds.features.Scalar(dtype=np.bool_),
           "is_terminal": tfds.features.Scalar(dtype=np.bool_),
           "language_instruction": tfds.features.Text(),
+          "target_point": tfds.features.Tensor(shape=(2,), dtype=np.float32),
       }),
       "episode_metadata": {
           "embodiment": tfds.features.Text(),
@@ -113,6 +116,13 @@ def validate_episode(ep: Mapping[str, Any], spec: EmbodimentSpec, where: str) ->
     raise ValueError(f"{where}: 'is_first' must be True at step 0 and 'is_last' True at the last step")
   if not isinstance(ep["instruction"], str):
     raise ValueError(f"{where}: 'instruction' must be a str, got {type(ep['instruction']).__name__}")
+  if "target_point" in ep:  # optional: absent = the embodiment does not say (-1)
+    tp = np.asarray(ep["target_point"], np.float64)
+    if tp.shape != (T, 2):
+      raise ValueError(f"{where}: key 'target_point' has shape {tp.shape}, expected {(T, 2)} (T={T})")
+    if not np.all(np.isfinite(tp)) or np.any((tp != -1) & ((tp < 0) | (tp > 1))):
+      raise ValueError(f"{where}: key 'target_point' must hold (row, col) fractions in [0, 1] or -1, got "
+                       f"values in [{tp.min()}, {tp.max()}]")
   return T
 
 
@@ -122,6 +132,13 @@ def _text(x: Any) -> str:
   if isinstance(x, bytes):
     return x.decode("utf-8")
   return json.dumps(x, sort_keys=True, default=lambda o: np.asarray(o).tolist())
+
+
+def target_points(ep: Mapping[str, Any], T: int) -> np.ndarray:
+  """The episode's float32 [T, 2] target points; (-1, -1) rows when it has none."""
+  if "target_point" not in ep:
+    return np.full((T, 2), -1.0, np.float32)
+  return np.asarray(ep["target_point"], np.float32).reshape(T, 2)
 
 
 def _to_example(ep: Mapping[str, Any], spec: EmbodimentSpec, episode_id: int, T: int) -> dict[str, Any]:
@@ -140,6 +157,7 @@ def _to_example(ep: Mapping[str, Any], spec: EmbodimentSpec, episode_id: int, T:
           "is_last": np.asarray(ep["is_last"], np.bool_),
           "is_terminal": np.asarray(ep["is_terminal"], np.bool_),
           "language_instruction": [ep["instruction"]] * T,
+          "target_point": target_points(ep, T),
       },
       "episode_metadata": {
           "embodiment": _text(ep.get("embodiment", spec.name)),
@@ -330,7 +348,7 @@ class EpisodeDataset:
 
     Keys: image [T,H,W,3] uint8 (left out when `images=False`, which skips most of the decoding),
     state [T,ds] f32 ([T,0] without state), action [T,da], reward, discount, is_first, is_last,
-    is_terminal [T], language_instruction (list of T str), episode_metadata (dict).
+    is_terminal [T], target_point [T,2] f32, language_instruction (list of T str), episode_metadata (dict).
     Parses the record with TFDS's NumPy example parser and decodes all steps at once (about 3x faster than
     decoding step by step through the lazy `steps` sequence).
     """
@@ -358,6 +376,7 @@ class EpisodeDataset:
     state = np.asarray(st["observation"]["state"], np.float32).reshape(T, ds) if ds else np.zeros((T, 0), np.float32)
     out = {"state": state,
            "action": np.asarray(st["action"]).reshape(T, -1),
+           "target_point": np.asarray(st["target_point"], np.float32).reshape(T, 2),
            "language_instruction": [x.decode("utf-8") if isinstance(x, bytes) else str(x)
                                     for x in st["language_instruction"]],
            "episode_metadata": dict(ex["episode_metadata"])}
@@ -387,7 +406,7 @@ class EpisodeDataset:
 
 
 def stack_steps(rows: list[dict[str, Any]], state_dim: int) -> dict[str, np.ndarray]:
-  """Stacks decoded steps into arrays: image, state ([n, 0] when there is none), action, reward, ..."""
+  """Stacks decoded steps into arrays: image, state ([n, 0] when there is none), action, target_point, reward, ..."""
   if state_dim > 0:
     state = np.stack([r["observation"]["state"] for r in rows])
   else:
@@ -396,6 +415,7 @@ def stack_steps(rows: list[dict[str, Any]], state_dim: int) -> dict[str, np.ndar
       "image": np.stack([r["observation"]["image"] for r in rows]),
       "state": state,
       "action": np.stack([r["action"] for r in rows]),
+      "target_point": np.stack([np.asarray(r["target_point"], np.float32) for r in rows]).reshape(len(rows), 2),
       "language_instruction": [r["language_instruction"].decode("utf-8") for r in rows],
   }
   for k in ("reward", "discount", "is_first", "is_last", "is_terminal"):

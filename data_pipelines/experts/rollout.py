@@ -6,8 +6,9 @@ Episode layout (RLDS convention), for an episode with N actions (N + 1 steps):
   reward [N+1] f32: reward[i] follows action a_i, reward[N] = 0;
   discount [N+1] f32: 1, except 0 on the last step when the episode ended by success (terminal);
   is_first [N+1]: only step 0; is_last: only step N; is_terminal: step N if the task succeeded;
-  instruction (str), embodiment (str), task (str: the task family), seed (int), expert (str),
-  success (bool).
+  target_point [N+1, 2] f32: where the instruction's object is in each image (`Embodiment.target_point`:
+  (row, col) fractions, -1 when the embodiment does not say); instruction (str), embodiment (str), task (str:
+  the task family), seed (int), expert (str), success (bool).
 
 Episode i of `rollout(name, n, seed)` resets with `jax.random.PRNGKey(seed + i)`, so every episode
 is reproducible on its own, whatever the batch it ran in. Continuous-control experts run batched
@@ -43,7 +44,8 @@ def _freeze(done, new, old):
 def _program(env_name: str, expert: Expert, num_steps: int, planned: bool, action_noise: float = 0.0):
   """Jitted scan of ``num_steps`` expert steps from reset states ``s0`` (one program for every task split).
 
-  Returns the final states and, per step, (obs, label action, reward, done, terminal, success); with
+  Returns the final states, their target points and, per step, (obs, label action, reward, done, terminal,
+  success, target point); with
   ``action_noise`` the executed action is the label plus clipped Gaussian noise (see the module docstring).
   """
   env = registry.make(env_name)
@@ -61,10 +63,10 @@ def _program(env_name: str, expert: Expert, num_steps: int, planned: bool, actio
         noise = jax.vmap(lambda k: jax.random.normal(k, a.shape[1:], a.dtype))(noise_keys)
         executed = jnp.clip(a + action_noise * noise, jnp.asarray(space.low, a.dtype), jnp.asarray(space.high, a.dtype))
       s2 = _freeze(s.done, jax.vmap(env.step)(s, executed), s)
-      return s2, (s.obs, a, s2.reward, s2.done, s2.terminal, s2.success)
+      return s2, (s.obs, a, s2.reward, s2.done, s2.terminal, s2.success, jax.vmap(env.target_point)(s))
 
     s_last, traj = jax.lax.scan(body, s0, jnp.arange(num_steps))
-    return s_last, traj
+    return s_last, jax.vmap(env.target_point)(s_last), traj
 
   return jax.jit(run)
 
@@ -126,15 +128,16 @@ def rollout(name: str, num_episodes: int, seed: int = 0, task_split: str = "trai
       plan_arr = jnp.asarray(_pad_plans(plans, num_steps, filler=2))
     else:
       plan_arr = jnp.zeros((batch, num_steps), jnp.int32)
-    s_last, (obs, act, rew, done, term, succ) = program(s0, keys, plan_arr)
+    s_last, point_last, (obs, act, rew, done, term, succ, point) = program(s0, keys, plan_arr)
     instr = env.instruction(s0)
-    obs, act, rew, done, term, succ = jax.device_get((obs, act, rew, done, term, succ))
-    last_obs = jax.device_get(s_last.obs)
+    obs, act, rew, done, term, succ, point = jax.device_get((obs, act, rew, done, term, succ, point))
+    last_obs, point_last = jax.device_get((s_last.obs, point_last))
     for i in range(n_real):
       d = np.flatnonzero(done[:, i])
       n = int(d[0]) + 1 if len(d) else num_steps
       image = np.concatenate([obs["image"][:n, i], last_obs["image"][i][None]])
       state = np.concatenate([obs["state"][:n, i], last_obs["state"][i][None]]).astype(np.float32)
+      target_point = np.concatenate([point[:n, i], point_last[i][None]]).astype(np.float32)
       a = np.asarray(act[:n, i])
       a = a.reshape(n, 1).astype(np.int32) if discrete else a.reshape(n, -1).astype(np.float32)
       a = np.concatenate([a, np.zeros((1, a.shape[1]), a.dtype)])
@@ -149,7 +152,8 @@ def rollout(name: str, num_episodes: int, seed: int = 0, task_split: str = "trai
         discount[-1] = 0.0
       episodes.append(dict(
           image=image, state=state, action=a, reward=reward, discount=discount, is_first=is_first,
-          is_last=is_last, is_terminal=is_last & terminal, instruction=instr[i], embodiment=name,
+          is_last=is_last, is_terminal=is_last & terminal, target_point=target_point, instruction=instr[i],
+          embodiment=name,
           task=family, seed=int(seeds[i]), expert=label, success=bool(succ[n - 1, i])))
   return episodes
 

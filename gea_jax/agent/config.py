@@ -50,6 +50,8 @@ def agent_config():
   # agent alone on reacher reached 72-73% held-out success, with the MLP 84-88% (docs/benchmarks.md, session 6)
   c.model.state_hidden_dim = 256
   c.model.value_hidden_dim = 128
+  # a linear head on the LLM's hidden state at each image slot, trained by SFT's grounding loss (sft.grounding_weight)
+  c.model.grounding_head = True
   c.model.llm = ml_collections.ConfigDict()
   c.model.llm.source = "random"   # "random" (dims below) | "smollm2" | HF dir | .gguf
   c.model.llm.architecture = "llama"
@@ -97,6 +99,10 @@ def agent_config():
   c.sft.checkpoint_every = 250
   c.sft.keep_checkpoints = 2
   c.sft.num_workers = 0
+  # weight of the grounding loss (gea_jax.agent.grounding): at each image token, does it hold the object the
+  # instruction names (label from the datasets' target_point; grid tasks have one, reacher not). Without it the
+  # from-scratch agent ignored its frames on the grid (docs/benchmarks.md, sessions 7-8); 0 = off
+  c.sft.grounding_weight = 0.5
 
   c.eval = ml_collections.ConfigDict()
   c.eval.episodes = 32

@@ -6,6 +6,8 @@ one-hidden-layer GELU MLP when ``model.state_hidden_dim`` > 0),
 every other slot the LLM's token embedding. With ``model.vision.text_film`` the vision encoder is FiLM-conditioned
 on the prompt's text (the masked mean of its token embeddings; RT-1 conditions its encoder on the instruction
 the same way), so the image tokens can already single out what the instruction names.
+With ``model.grounding_head`` it also has a linear head over the LLM's hidden states at the image slots, trained by
+SFT's grounding loss only (`gea_jax.agent.grounding`; not used when acting).
 `AgentModel.forward` also runs a part of a sequence (``offset``): the text alone, or the frames on top of a KV
 cache of the text (`gea_jax.agent.policy.text_prefix_cache`). `build_agent` makes one from a config: a random tiny LLM
 for fast CPU runs, or a pretrained LLM (HF directory / GGUF) whose vocabulary is grown to hold the
@@ -33,10 +35,12 @@ class AgentModel(nnx.Module):
   """VLM + state projection over the prompt layout's static slots.
 
   ``state_hidden``: 0 = the state token is a linear projection of the state; > 0 = a GELU MLP with one hidden
-  layer of that width (``state_mlp`` then ``state_proj``).
+  layer of that width (``state_mlp`` then ``state_proj``). ``grounding``: add ``grounding_head`` (hidden state at
+  an image slot -> one logit: the instruction's object is in this token), see `gea_jax.agent.grounding`.
   """
 
-  def __init__(self, vlm: VLM, layout: PromptLayout, state_dim: int, *, state_hidden: int = 0, rngs: nnx.Rngs):
+  def __init__(self, vlm: VLM, layout: PromptLayout, state_dim: int, *, state_hidden: int = 0,
+               grounding: bool = False, rngs: nnx.Rngs):
     width = vlm.llm.config.hidden_size
     self.vlm = vlm
     self.layout = layout
@@ -52,6 +56,11 @@ class AgentModel(nnx.Module):
     self.state_mlp = nnx.data(state_mlp)
     init = nnx.with_partitioning(nnx.initializers.normal(0.02), ("mlp" if state_hidden else None, "embed"))
     self.state_proj = nnx.Linear(state_in, width, kernel_init=init, rngs=rngs)
+    head = None
+    if grounding:
+      head = nnx.Linear(width, 1, kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("embed", None)),
+                        rngs=rngs)
+    self.grounding_head = nnx.data(head)
     slots = layout.slots()
     if vlm.tokens_per_image != layout.image_tokens:
       raise ValueError(f"layout.image_tokens={layout.image_tokens} but the VLM gives {vlm.tokens_per_image} "
@@ -198,7 +207,8 @@ def build_agent(model_cfg, layout: PromptLayout, state_dim: int, vocab_size: int
                    tiny_cnn_coords=bool(v.get("coord_channels", False)),
                    tiny_cnn_condition_dim=llm.config.hidden_size if v.get("text_film", False) else 0)
   vlm = build_vlm(vcfg, llm, rngs=rngs)
-  return AgentModel(vlm, layout, state_dim, state_hidden=int(model_cfg.get("state_hidden_dim", 0)), rngs=rngs)
+  return AgentModel(vlm, layout, state_dim, state_hidden=int(model_cfg.get("state_hidden_dim", 0)),
+                    grounding=bool(model_cfg.get("grounding_head", False)), rngs=rngs)
 
 
 def trainable_filter(model_cfg) -> Any:

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gea_jax.agent.grounding import grounding_loss
 from gea_jax.agent.prompt import PromptLayout
 from gea_jax.models.kv_cache import KVCache
 
@@ -49,7 +50,7 @@ def candidate_ids(mask_table) -> np.ndarray:
 
 
 def action_scores(model, layout: PromptLayout, batch, mask_table, value_trunk_grad=None, candidate_ids=None,
-                  temperature: float = 1.0):
+                  temperature: float = 1.0, hidden_states=None):
   """Teacher-forced pass over full sequences: per-token log-probs [b,T], entropy [b,T], value [b], greedy ids [b,T].
 
   batch holds input_ids/attention_mask/positions/targets/image/state/embodiment_id (action ids filled).
@@ -59,12 +60,14 @@ def action_scores(model, layout: PromptLayout, batch, mask_table, value_trunk_gr
   log-probs, entropy and greedy ids as over the whole vocabulary (the others are masked to exp(-1e9) = 0).
   temperature: log-probs and entropy of the policy that samples at this temperature (`sample_token`'s), as PPO
   must score the actions its collector drew; greedy ids do not depend on it.
+  hidden_states: the model's [b,S,d] hidden states of this batch when the caller already ran the forward pass.
   """
   slots = layout.slots()
-  out = model.forward(batch["input_ids"], batch["image"], batch["state"], batch["attention_mask"],
-                      batch["positions"])
+  if hidden_states is None:
+    hidden_states = model.forward(batch["input_ids"], batch["image"], batch["state"], batch["attention_mask"],
+                                  batch["positions"]).hidden_states
   logit_pos = jnp.asarray(slots["logit_pos"])
-  h = out.hidden_states[:, logit_pos]
+  h = hidden_states[:, logit_pos]
   logits = masked_logits(model, h, batch["embodiment_id"], mask_table, candidate_ids=candidate_ids)
   valid = logits > _NEG / 2
   if temperature != 1.0:
@@ -81,23 +84,39 @@ def action_scores(model, layout: PromptLayout, batch, mask_table, value_trunk_gr
   entropy = -jnp.sum(jnp.where(valid, probs * logp_all, 0.0), axis=-1)
   value = None
   if model.vlm.value_head is not None:
-    hv = out.hidden_states[:, layout.prompt_len - 1]
+    hv = hidden_states[:, layout.prompt_len - 1]
     if value_trunk_grad is not None:
       hv = value_trunk_grad * hv + (1.0 - value_trunk_grad) * jax.lax.stop_gradient(hv)
     value = model.value(hv)
   return logp, entropy, value, greedy
 
 
-def sft_loss(model, layout: PromptLayout, batch, mask_table, candidate_ids=None):
-  """Cross-entropy on the action tokens only. Returns (loss, metrics). candidate_ids: see `action_scores`."""
+def sft_loss(model, layout: PromptLayout, batch, mask_table, candidate_ids=None, grounding_weight: float = 0.0):
+  """Cross-entropy on the action tokens only. Returns (loss, metrics). candidate_ids: see `action_scores`.
+
+  grounding_weight > 0: plus that times `gea_jax.agent.grounding.grounding_loss` on the same forward pass (needs
+  the model's grounding head and ``batch["target_point"]``); metrics then also hold action_loss, grounding_loss and
+  grounding_accuracy ("loss" is the total).
+  """
   slots = layout.slots()
-  logp, _, _, greedy = action_scores(model, layout, batch, mask_table, candidate_ids=candidate_ids)
+  hidden = None
+  if grounding_weight:
+    hidden = model.forward(batch["input_ids"], batch["image"], batch["state"], batch["attention_mask"],
+                           batch["positions"]).hidden_states
+  logp, _, _, greedy = action_scores(model, layout, batch, mask_table, candidate_ids=candidate_ids,
+                                     hidden_states=hidden)
   lm = batch["loss_mask"][:, jnp.asarray(slots["logit_pos"])].astype(jnp.float32)
   denom = jnp.maximum(lm.sum(), 1.0)
   loss = -jnp.sum(logp * lm) / denom
   tgt = batch["targets"][:, jnp.asarray(slots["logit_pos"])]
   acc = jnp.sum((greedy == tgt) * lm) / denom
-  return loss, {"loss": loss, "token_accuracy": acc}
+  metrics = {"loss": loss, "token_accuracy": acc}
+  if grounding_weight:
+    g_loss, g_acc = grounding_loss(model, layout, hidden, batch["target_point"])
+    metrics.update(action_loss=loss, grounding_loss=g_loss, grounding_accuracy=g_acc)
+    loss = loss + grounding_weight * g_loss
+    metrics["loss"] = loss
+  return loss, metrics
 
 
 def sample_token(model, h, emb, mask_table, j: int, used, key, *, greedy: bool, temperature: float, pad_id: int,

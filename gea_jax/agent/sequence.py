@@ -85,7 +85,8 @@ class SequenceBuilder:
     state[:, :min(src.shape[1], self.max_state_dim)] = src[:, :self.max_state_dim]
     seq.update(image=np.asarray(sample["image"]), state=state,
                actions=self.raw_actions(sample), embodiment_id=np.int32(e),
-               frame_valid=valid, action_token_valid=tok_valid)
+               frame_valid=valid, action_token_valid=tok_valid,
+               target_point=np.asarray(sample.get("target_point", np.full((L.num_frames, 2), -1.0)), np.float32))
     return seq
 
 

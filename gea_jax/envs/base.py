@@ -117,5 +117,15 @@ class Embodiment(abc.ABC):
     """The success test of the current state (computed in `step`)."""
     return state.success
 
+  def target_point(self, state: EnvState) -> jax.Array:
+    """Where the object the instruction names is in the image: float32 [2] (row, col) in [0, 1] of the image
+    height / width, or (-1, -1) when the embodiment does not say (the default) or the object is not in view.
+
+    Recorded in the expert datasets (privileged, never an input of the agent) as the label of SFT's grounding
+    loss (`gea_jax.agent.grounding`). Pure, jittable, vmappable.
+    """
+    del state
+    return jnp.full((2,), -1.0, jnp.float32)
+
   def __repr__(self) -> str:
     return f"{type(self).__name__}({self.spec.name!r})"

@@ -243,6 +243,15 @@ class GridTask(Embodiment):
   def _front(agent):
     return agent.position + jnp.asarray(DIRECTIONS)[agent.direction]
 
+  def target_point(self, state: EnvState) -> jax.Array:
+    """Centre of the cell holding the instruction's first object (object or door; the first match in row-major
+    order), as (row, col) fractions of the image; (-1, -1) when it is in no cell (held in the pocket)."""
+    grid = state.inner["grid"]
+    hit = jnp.all(grid == state.task["obj_a"].astype(grid.dtype), axis=-1).reshape(-1)
+    cell = jnp.argmax(hit)
+    point = (jnp.stack([cell // self.grid_size, cell % self.grid_size]).astype(jnp.float32) + 0.5) / self.grid_size
+    return jnp.where(hit.any(), point, -1.0)
+
   # ---- observation ----------------------------------------------------------------------
   def _obs(self, grid, agent):
     return {"image": self.render(grid, agent), "state": self._state_vec(agent)}

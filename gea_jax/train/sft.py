@@ -2,7 +2,8 @@
 
 ``python -m gea_jax.main --config=configs/sft.py --workdir=DIR`` (or as a stage of configs/default.py).
 
-Cross-entropy on the action tokens only (the prompt layout masks everything else); LoRA, frozen
+Cross-entropy on the action tokens only (the prompt layout masks everything else), plus ``sft.grounding_weight``
+times the grounding loss (`gea_jax.agent.grounding`: which image token holds the instruction's object); LoRA, frozen
 backbone or full fine-tuning by ``model.train_mode``; AdamW with warmup + cosine decay, gradient
 clipping and accumulation (optax.MultiSteps); bfloat16 compute with float32 master weights by
 ``model.llm.dtype``. The step is jitted once and runs over the config's mesh (1 device or many).
@@ -58,11 +59,18 @@ def validate_model(config) -> None:
                f"FiLM conditioning is implemented for model.vision.encoder='tiny_cnn' only (encoder is "
                f"{m.vision.encoder!r})", m.vision.text_film)
   cv.positive(config, "model.text_len")
+  if "grounding_head" in m:
+    cv.check_type(config, "model.grounding_head", bool)
   if "state_hidden_dim" in m:
     cv.check_type(config, "model.state_hidden_dim", int)
     cv.positive(config, "model.state_hidden_dim", allow_zero=True)
   cv.positive(config, "data.history")
   cv.positive(config, "data.image_size")
+
+
+def grounding_weight(config) -> float:
+  """``sft.grounding_weight`` (0 when the key is absent, as in configs written before it)."""
+  return float(config.sft.get("grounding_weight", 0.0))
 
 
 def validate_sft(config) -> None:
@@ -74,6 +82,11 @@ def validate_sft(config) -> None:
   cv.in_range(config, f"{s}.min_lr_ratio", 0.0, 1.0)
   cv.positive(config, f"{s}.weight_decay", allow_zero=True)
   cv.positive(config, f"{s}.num_workers", allow_zero=True)
+  if "grounding_weight" in config.sft:
+    cv.positive(config, f"{s}.grounding_weight", allow_zero=True)
+    cv.require(not config.sft.grounding_weight or bool(config.model.get("grounding_head", False)),
+               f"{s}.grounding_weight", "needs the agent's grounding head: set model.grounding_head=True (or the "
+               "weight to 0)", config.sft.grounding_weight)
   if "cache_mb" in config.data:
     cv.positive(config, "data.cache_mb")
   cv.check_mesh(config)
@@ -130,7 +143,8 @@ class TrainStep:
   closed-over constant, so XLA does not constant-fold the masked softmax.
   """
 
-  def __init__(self, ctx: AgentContext, model: AgentModel, optimizer: nnx.Optimizer, wrt, mesh):
+  def __init__(self, ctx: AgentContext, model: AgentModel, optimizer: nnx.Optimizer, wrt, mesh,
+               grounding_weight: float = 0.0):
     vocab, layout = ctx.vocab, ctx.layout
     self.model, self.optimizer = model, optimizer
     graphdef, self.state = nnx.split((model, optimizer))
@@ -143,7 +157,7 @@ class TrainStep:
       batch = fill_action_ids(vocab, layout, batch)
 
       def loss_fn(model):
-        return sft_loss(model, layout, batch, mask_table, candidate_ids=cand)
+        return sft_loss(model, layout, batch, mask_table, candidate_ids=cand, grounding_weight=grounding_weight)
 
       (_, metrics), grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)(model)
       optimizer.update(model, grads)
@@ -167,7 +181,7 @@ class TrainStep:
 
 
 MODEL_KEYS = ("input_ids", "attention_mask", "positions", "targets", "loss_mask", "image", "state", "actions",
-              "embodiment_id")
+              "embodiment_id", "target_point")
 
 
 def model_arrays(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -259,7 +273,7 @@ def train(config, workdir: str, *, artifact_dir: str, data_dir: str, embodiments
     resumed_metrics = {k: float(v) for k, v in (restored.extra or {}).items() if isinstance(v, (int, float))}
     logging.info("SFT: resumed from step %d (%s)", start, restored.path)
 
-  train_step = TrainStep(ctx, model, optimizer, wrt, mesh)
+  train_step = TrainStep(ctx, model, optimizer, wrt, mesh, grounding_weight=grounding_weight(config))
   writer = MetricWriter(os.path.join(workdir, "sft"), resume_step=start if start else None)
   preempt = install_sigterm_handler()
   total = int(s.steps)
