@@ -41,7 +41,10 @@ def synthetic_episodes(spec, fail_after=None):
              "is_first": np.arange(T) == 0, "is_last": np.arange(T) == T - 1,
              "is_terminal": np.arange(T) == T - 1, "instruction": f"{split} task {i % 3} of {spec.name}",
              "embodiment": spec.name, "task": {"goal": i % 3}, "seed": seed * 1000 + i, "expert": "synthetic",
-             "success": bool(i % 2)}
+             "success": bool(i % 2),
+             # the grid has target points (a step without one: -1); the arm leaves the key out (read back as -1)
+             **({"target_point": np.where(rng.random((T, 1)) < 0.8, rng.random((T, 2)), -1.0).astype(np.float32)}
+                if not spec.action_space.is_continuous else {})}
 
   return fn
 
@@ -74,6 +77,7 @@ def test_round_trip(data_dir, spec):
       for k in ("image", "action", "reward", "discount", "is_first", "is_last", "is_terminal"):
         np.testing.assert_array_equal(got[k], raw[i][k], err_msg=k)
       np.testing.assert_array_equal(got["state"], raw[i]["state"].reshape(len(raw[i]["action"]), -1))
+      np.testing.assert_array_equal(got["target_point"], raw[i].get("target_point", np.full((len(raw[i]["action"]), 2), -1.0)))
       assert got["language_instruction"] == [raw[i]["instruction"]] * len(raw[i]["action"])
       meta = ds.episode(split, i)["episode_metadata"]
       assert meta["embodiment"] == spec.name.encode() and meta["expert"] == b"synthetic"
@@ -250,6 +254,20 @@ def test_bad_episode_names_the_key(tmp_path):
   with pytest.raises(ValueError, match=r"toy_arm/train episode 0: key 'state' has shape \(\d+, 2\), expected"):
     rb.build_dataset(tmp_path, ARM, bad, COUNTS, progress=False)
   assert not rb.dataset_path(tmp_path, "toy_arm").exists()
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda tp: tp[:, :1], r"key 'target_point' has shape \(\d+, 1\), expected"),
+    (lambda tp: tp + 2.0, r"key 'target_point' must hold \(row, col\) fractions in \[0, 1\] or -1"),
+])
+def test_bad_target_point_names_the_key(tmp_path, bad, match):
+  def fn(split, n, seed):
+    for ep in synthetic_episodes(GRID)(split, n, seed):
+      ep["target_point"] = bad(np.abs(ep["target_point"]))
+      yield ep
+
+  with pytest.raises(ValueError, match="toy_grid/train episode 0: " + match):
+    rb.build_dataset(tmp_path, GRID, fn, COUNTS, progress=False)
 
 
 def test_existing_dataset_is_kept(data_dir):

@@ -172,3 +172,40 @@ def test_grid_doors_are_reachable_locked_landmarks_and_goto_targets():
   eps = experts.rollout("grid_goto", 24, seed=3)
   assert all(e["success"] for e in eps)
   assert any(e["instruction"].endswith(" door") for e in eps)
+
+
+def test_grid_target_point_is_the_named_objects_cell_and_minus_one_when_held():
+  """`target_point` (the grounding loss's label) is the centre of the cell holding the instruction's object, in
+  (row, col) fractions of the image; (-1, -1) once it is in the pocket; the default for other bodies is -1."""
+  from xminigrid.core.constants import Tiles
+  from xminigrid.types import AgentState
+
+  env = make("grid_goto")
+  keys = jax.random.split(jax.random.PRNGKey(5), 16)
+  s = jax.device_get(jax.vmap(env.reset)(keys))
+  points = np.asarray(jax.vmap(env.target_point)(jax.vmap(env.reset)(keys)))
+  g = env.grid_size
+  for i in range(len(keys)):
+    grid = s.inner["grid"][i]
+    (r, c), = np.argwhere((grid == s.task["obj_a"][i]).all(-1))
+    np.testing.assert_allclose(points[i], [(r + 0.5) / g, (c + 0.5) / g])
+    # the point lands on the object's pixels in the rendered frame
+    y, x = (points[i] * env.image_size).astype(int)
+    img = np.asarray(env.render(grid, jax.tree.map(lambda a, i=i: a[i], s.inner["agent"])))
+    cell = img[r * env.cell:(r + 1) * env.cell, c * env.cell:(c + 1) * env.cell]
+    assert r * env.cell <= y < (r + 1) * env.cell and c * env.cell <= x < (c + 1) * env.cell
+    assert not np.array_equal(cell, img[env.cell:2 * env.cell, 0:env.cell])  # not a plain wall cell
+
+  pick = make("grid_pickup")
+  s = pick.reset(jax.random.PRNGKey(0))
+  a = np.asarray(s.task["obj_a"])
+  grid = np.asarray(pick._empty_grid).copy()
+  grid[2, 3] = a
+  agent = AgentState(position=jnp.array([3, 3]), direction=jnp.asarray(0),
+                     pocket=jnp.array([Tiles.EMPTY, 0], jnp.uint8))  # facing the object (up)
+  s = s.replace(inner={"grid": jnp.asarray(grid), "agent": agent})
+  np.testing.assert_allclose(np.asarray(pick.target_point(s)), [2.5 / pick.grid_size, 3.5 / pick.grid_size])
+  held = jax.jit(pick.step)(s, 3)  # pick it up
+  np.testing.assert_array_equal(np.asarray(pick.target_point(held)), [-1.0, -1.0])
+  r = make("reacher")
+  np.testing.assert_array_equal(np.asarray(r.target_point(r.reset(jax.random.PRNGKey(0)))), [-1.0, -1.0])

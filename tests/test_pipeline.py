@@ -60,6 +60,9 @@ def test_sample_is_the_normalized_window(data_dir):
       assert not x["action_mask"].any() and not x["state_mask"].any() and x["is_discrete"]
       assert not x["actions"].any() and not x["state"].any()
     assert not x["actions"][:pad].any() and not x["state"][:pad].any()
+    want_tp = ep.get("target_point", np.full((len(ep["action"]), 2), -1.0))[t - 2 + pad: t + 1]
+    np.testing.assert_array_equal(x["target_point"][pad:], want_tp)
+    assert (x["target_point"][:pad] == -1).all()  # padding frames have no label
     seen += 1
   assert seen == 40
 

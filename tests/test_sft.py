@@ -49,7 +49,8 @@ def _episodes(spec, rng, n, T=12):
         reward=np.zeros(T, np.float32), discount=np.ones(T, np.float32),
         is_first=np.arange(T) == 0, is_last=np.arange(T) == T - 1, is_terminal=np.arange(T) == T - 1,
         instruction=f"task number {task}", embodiment=spec.name, task="synthetic", seed=i, expert="random",
-        success=True))
+        success=True, **({} if a.is_continuous else {  # own stream: the other arrays stay as they were
+            "target_point": np.random.default_rng([7, i]).uniform(0, 1, (T, 2)).astype(np.float32)})))
   return out
 
 
@@ -136,7 +137,7 @@ def test_one_step_equals_single_device(assets, shape):
   for mesh in (sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]), sharding.make_mesh(shape)):
     mesh, rules = sft.mesh_and_rules(config, mesh)
     model, opt, wrt = sft.setup_model(config, ctx, mesh, rules)
-    step = sft.TrainStep(ctx, model, opt, wrt, mesh)
+    step = sft.TrainStep(ctx, model, opt, wrt, mesh, grounding_weight=sft.grounding_weight(config))
     with sharding.use_mesh(mesh, rules):
       out = step(sft.device_batch(batch, mesh))
     step.sync()
@@ -281,3 +282,66 @@ def test_text_film_validation_and_missing_text_are_named(assets):
   config.model.vision.encoder = "efficientnet_lite0"
   with pytest.raises(ConfigError, match="model.vision.text_film"):
     sft.validate_model(config)
+
+
+def test_grounding_loss_matches_a_reference_and_adds_to_the_action_loss(assets):
+  """The grounding head's loss: sigmoid cross-entropy over each labelled frame's image tokens, the positive being the
+  token whose pool cell holds ``target_point``; frames without a point (reacher's, padding) add nothing; sft_loss
+  adds ``grounding_weight`` times it; the weight without the head is a ConfigError naming the key."""
+  from gea_jax.agent.grounding import grounding_loss, image_slot_positions, token_labels
+  from gea_jax.agent.model import build_agent
+  from gea_jax.agent.policy import sft_loss
+  from gea_jax.config_validation import ConfigError
+  config = tiny_config()
+  ctx = load_context(config, assets["artifact"], assets["data_dir"], EMBODIMENTS)
+  L = ctx.layout
+  model = build_agent(config.model, L, ctx.max_state_dim, ctx.vocab.total_vocab_size)
+  raw = next(sft.make_iterator(config, ctx, assets["data_dir"], EMBODIMENTS))
+  batch = fill_action_ids(ctx.vocab, L, {k: jnp.asarray(v) for k, v in sft.model_arrays(raw).items()})
+  tp = np.asarray(batch["target_point"])
+  grid_rows = np.asarray(batch["embodiment_id"]) == ctx.index("grid_goto")
+  assert grid_rows.any() and (~grid_rows).any()
+  assert (tp[~grid_rows] == -1).all() and (tp[grid_rows][np.asarray(raw["frame_valid"])[grid_rows]] >= 0).all()
+
+  # labels: row-major pool cells
+  gh, gw = model.vlm.pool_grid
+  labels, has = token_labels(jnp.asarray([[0.0, 0.0], [0.99, 0.99], [0.3, 0.8], [-1.0, -1.0]]), (gh, gw))
+  want = [0, gh * gw - 1, int(0.3 * gh) * gw + int(0.8 * gw)]
+  np.testing.assert_array_equal(np.asarray(labels[:3]).argmax(-1), want)
+  assert np.asarray(has).tolist() == [True, True, True, False] and not np.asarray(labels[3]).any()
+
+  hidden = model.forward(batch["input_ids"], batch["image"], batch["state"], batch["attention_mask"],
+                         batch["positions"]).hidden_states
+  loss, acc = grounding_loss(model, L, hidden, batch["target_point"])
+  pos = image_slot_positions(L)
+  logits = np.asarray(model.grounding_head(hidden[:, pos]))[..., 0].astype(np.float64)  # [b, F, T]
+  total, frames, hits = 0.0, 0, 0
+  for b in range(tp.shape[0]):
+    for f in range(L.num_frames):
+      if (tp[b, f] < 0).any():
+        continue
+      k = int(tp[b, f, 0] * gh) * gw + int(tp[b, f, 1] * gw)
+      y = np.eye(gh * gw)[k]
+      z = logits[b, f]
+      total += np.sum(np.log1p(np.exp(-np.abs(z))) + np.maximum(z, 0) - y * z)
+      frames += 1
+      hits += int(z.argmax() == k)
+  assert frames > 0
+  np.testing.assert_allclose(float(loss), total / frames, rtol=1e-5)
+  np.testing.assert_allclose(float(acc), hits / frames, rtol=1e-6)
+
+  mt = jnp.asarray(ctx.vocab.mask_table)
+  plain, m0 = sft_loss(model, L, batch, mt)
+  both, m1 = sft_loss(model, L, batch, mt, grounding_weight=0.25)
+  np.testing.assert_allclose(float(both), float(plain) + 0.25 * float(loss), rtol=1e-5)
+  np.testing.assert_allclose(float(m1["action_loss"]), float(plain), rtol=1e-6)
+  assert "grounding_loss" not in m0
+  no_label = {**batch, "target_point": jnp.full_like(batch["target_point"], -1.0)}
+  assert float(grounding_loss(model, L, hidden, no_label["target_point"])[0]) == 0.0
+
+  config.model.grounding_head = False
+  with pytest.raises(ConfigError, match="sft.grounding_weight"):
+    sft.validate_sft(config)
+  assert build_agent(config.model, L, ctx.max_state_dim, ctx.vocab.total_vocab_size).grounding_head is None
+  config.sft.grounding_weight = 0.0
+  sft.validate_sft(config)

@@ -25,6 +25,8 @@ Image: the whole room from above, one `image_size // grid_size` pixel square per
 is a white triangle pointing where it faces, a held object shows as a coloured square on it.
 State (19): agent row/col (scaled to [0,1]), facing one-hot (4), holding flag, held object kind
 one-hot (6), held colour one-hot (6).
+`target_point`: the centre of the cell holding the instruction's first object, in image fractions (recorded in the
+expert datasets as the label of SFT's grounding loss, `gea_jax.agent.grounding`; never an input of the agent).
 
 Held-out sets: "heldout_seed" (disjoint random stream) and "heldout_combo": the target object's
 colour-kind pair is one of `HELDOUT_COMBOS`, which never appear (as target or distractor) in
