@@ -11,7 +11,7 @@ from gea_jax.envs import make
 from gea_jax.envs.grid import DROP, FORWARD, LEFT, PICKUP, RIGHT
 
 EPISODE_KEYS = {"image", "state", "action", "reward", "discount", "is_first", "is_last", "is_terminal",
-                "instruction", "embodiment", "task", "seed", "expert", "success"}
+                "target_point", "instruction", "embodiment", "task", "seed", "expert", "success"}
 
 
 def _check_episode(ep, spec):
@@ -34,6 +34,12 @@ def _check_episode(ep, spec):
   assert ep["reward"][-1] == 0.0
   assert t - 1 <= spec.max_episode_steps
   assert isinstance(ep["instruction"], str) and ep["instruction"]
+  tp = ep["target_point"]
+  assert tp.shape == (t, 2) and tp.dtype == np.float32
+  assert np.all((tp == -1) | ((tp >= 0) & (tp <= 1)))
+  assert spec.name.startswith("grid") or (tp == -1).all()
+  if spec.name == "grid_goto":  # the named object never moves: one point for the whole episode, inside the image
+    assert (tp >= 0).all() and (tp == tp[0]).all()
 
 
 @pytest.mark.parametrize("name", ["grid_goto", "grid_pickup", "grid_putnext"])
