@@ -153,8 +153,7 @@ def rollout(name: str, num_episodes: int, seed: int = 0, task_split: str = "trai
       episodes.append(dict(
           image=image, state=state, action=a, reward=reward, discount=discount, is_first=is_first,
           is_last=is_last, is_terminal=is_last & terminal, target_point=target_point, instruction=instr[i],
-          embodiment=name,
-          task=family, seed=int(seeds[i]), expert=label, success=bool(succ[n - 1, i])))
+          embodiment=name, task=family, seed=int(seeds[i]), expert=label, success=bool(succ[n - 1, i])))
   return episodes
 
 

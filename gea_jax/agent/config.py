@@ -87,7 +87,8 @@ def agent_config():
   c.sft = ml_collections.ConfigDict()
   c.sft.tokenizer_artifact = ""   # set by the pipeline (WORKDIR/rvq/artifact) or by hand
   # 3000: with 10,000 grid episodes and the grounding loss, 3000 steps gave reacher / grid seeds / grid combos 80% / 77% /
-  # 83% of the experts against 78% / 69% / 84% after 2000 (docs/benchmarks.md, session 8)
+  # 83% of the experts against 78% / 69% / 84% after 2000 (seed 0; seed 1 at 3000: 89% / 75% / 72%; docs/benchmarks.md,
+  # session 8)
   c.sft.steps = 3000
   c.sft.batch_size = 32
   c.sft.grad_accum = 1

@@ -47,13 +47,13 @@ def token_labels(target_point: jax.Array, pool_grid: tuple[int, int]) -> tuple[j
   return labels, has
 
 
-def grounding_loss(model, layout: PromptLayout, hidden: jax.Array, target_point: jax.Array,
-                   frame_valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def grounding_loss(model, layout: PromptLayout, hidden: jax.Array,
+                   target_point: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(loss, accuracy) of the grounding head on hidden states [b, S, d] of whole sequences.
 
-  target_point [b, F, 2] (F = layout.num_frames; -1 rows: no label); frame_valid [b, F] (optional): frames that
-  are padding before the episode start get no label either. accuracy: the fraction of labelled frames whose
-  highest-scoring image token is the labelled one.
+  target_point [b, F, 2] (F = layout.num_frames; -1 rows: no label, which the pipeline also sets for the padding
+  frames before an episode's start). accuracy: the fraction of labelled frames whose highest-scoring image token is
+  the labelled one.
   """
   if model.grounding_head is None:
     raise ValueError("grounding_loss: the agent has no grounding head (model.grounding_head=False)")
@@ -64,8 +64,6 @@ def grounding_loss(model, layout: PromptLayout, hidden: jax.Array, target_point:
   h = hidden[:, pos]                                                      # [b, F, T, d]
   logits = model.grounding_head(h)[..., 0].astype(jnp.float32)            # [b, F, T]
   labels, has = token_labels(target_point.astype(jnp.float32), model.vlm.pool_grid)
-  if frame_valid is not None:
-    has = has & frame_valid.astype(bool)
   per_frame = jnp.sum(jnp.logaddexp(0.0, logits) - labels * logits, axis=-1)  # sigmoid cross-entropy, summed
   w = has.astype(jnp.float32)
   n = jnp.maximum(w.sum(), 1.0)
