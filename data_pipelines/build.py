@@ -8,8 +8,9 @@ episodes; normalization statistics of the train split are saved beside the data.
 dataset appears atomically (TFDS renames its incomplete dir when done); an existing one is kept unless
 `--overwrite`. Episodes come from `data_pipelines.experts.rollout(name, num_episodes, seed, task_split)`,
 asked for in chunks of `--chunk` so that the progress bar moves and memory stays bounded.
-`--action_noise=reacher=0.3` makes the train split's demonstrations DART-style (the env executes the expert's
-action plus Gaussian noise, the episode records the clean action; held-out splits stay noise-free); the noise is
+`--action_noise=reacher=0.3,grid_goto=0.2` makes the train split's demonstrations DART-style (the env executes the
+expert's action plus Gaussian noise of std 0.3 for continuous actions, a random move with probability 0.2 for discrete
+ones; the episode records the expert's clean action; held-out splits stay noise-free); the noise is
 recorded in the dataset's build_args, and keeping an existing dataset built with another noise is an error.
 """
 
@@ -60,7 +61,8 @@ def _default_rollout() -> RolloutFn:
 
 
 def parse_action_noise(spec: str) -> dict[str, float]:
-  """"reacher=0.3,pusher=0.2" -> {"reacher": 0.3, "pusher": 0.2} (std of the executed-action noise)."""
+  """"reacher=0.3,grid_goto=0.2" -> {"reacher": 0.3, "grid_goto": 0.2} (executed-action noise: a std for continuous
+  actions, a probability for discrete ones; `data_pipelines.experts.rollout`)."""
   out: dict[str, float] = {}
   for item in (x.strip() for x in str(spec or "").split(",") if x.strip()):
     name, sep, value = item.partition("=")
@@ -69,7 +71,7 @@ def parse_action_noise(spec: str) -> dict[str, float]:
     except ValueError:
       noise = -1.0
     if not name.strip() or noise < 0:
-      raise ValueError(f"action_noise: expected 'embodiment=std' entries (std >= 0) separated by commas, got {item!r}")
+      raise ValueError(f"action_noise: expected 'embodiment=noise' entries (noise >= 0) separated by commas, got {item!r}")
     out[name.strip()] = noise
   return out
 
@@ -146,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--splits", "--split", default=None,
                  help=f"comma-separated subset of {','.join(SPLITS)} (default: every split the embodiment has)")
   p.add_argument("--chunk", type=int, default=32, help="episodes per expert rollout call (32: the rollout batch, no padding)")
-  p.add_argument("--action_noise", default="", help="DART demonstrations: 'embodiment=std,...' (train split only)")
+  p.add_argument("--action_noise", default="", help="DART demonstrations: 'embodiment=noise,...' (train split only; a std for continuous actions, "
+                 "a probability of a random move for discrete ones)")
   p.add_argument("--overwrite", action="store_true")
   p.add_argument("--no_progress", action="store_true")
   a = p.parse_args(argv)

@@ -27,6 +27,8 @@ class Expert:
   act: (EnvState, key) -> action (f32 [dim] continuous, int32 scalar discrete).
   jittable: whether `act` can run under jit/vmap.
   plan: optional host-side (EnvState) -> list of actions reaching the goal, or None if unsolvable.
+  noise_actions: discrete experts: the actions that executed-action noise (rollout's `action_noise`) draws from;
+    None: all of the space's actions.
   """
 
   embodiment: str
@@ -34,6 +36,7 @@ class Expert:
   act: Callable[[Any, jax.Array], Any]
   jittable: bool = True
   plan: Optional[Callable[[Any], Optional[list]]] = None
+  noise_actions: Optional[tuple[int, ...]] = None
 
 
 # embodiment name -> "module:builder" (lazy) or a built Expert.
@@ -44,6 +47,12 @@ _EXPERTS: dict[str, Any] = {
     "reacher": "data_pipelines.experts.reacher:make_expert",
     "pusher": "data_pipelines.experts.pusher:make_expert",
     "halfcheetah": "data_pipelines.experts.halfcheetah:make_expert",
+}
+# Jittable, closed-loop stand-ins for host-side planners, used where a demonstration must re-plan after executed-action
+# noise (DART): `get(name, closed_loop=True)`.
+_CLOSED_LOOP: dict[str, Any] = {
+    "grid_goto": "data_pipelines.experts.grid_field:make_expert",
+    "grid_pickup": "data_pipelines.experts.grid_field:make_expert",
 }
 
 
@@ -65,14 +74,25 @@ def register_policy(name: str, fn: Callable[[Any, jax.Array], Any], *, expert_na
   return expert
 
 
-def get(name: str) -> Expert:
-  """The expert of embodiment `name`."""
-  if name not in _EXPERTS:
-    raise KeyError(f"no expert for embodiment {name!r}; embodiments with experts: {', '.join(names())} "
-                   "(register one with experts.register_policy)")
-  e = _EXPERTS[name]
+def _built(table: dict[str, Any], name: str) -> Expert:
+  e = table[name]
   if isinstance(e, str):
     module, attr = e.split(":")
     e = getattr(importlib.import_module(module), attr)(name)
-    _EXPERTS[name] = e
+    table[name] = e
   return e
+
+
+def get(name: str, *, closed_loop: bool = False) -> Expert:
+  """The expert of embodiment `name`; closed_loop=True: a jittable one that re-decides at every step (the registered
+  expert if it is jittable, else its closed-loop stand-in, e.g. the grid's distance field for its BFS planner)."""
+  if name not in _EXPERTS:
+    raise KeyError(f"no expert for embodiment {name!r}; embodiments with experts: {', '.join(names())} "
+                   "(register one with experts.register_policy)")
+  e = _built(_EXPERTS, name)
+  if not closed_loop or e.jittable:
+    return e
+  if name not in _CLOSED_LOOP:
+    raise KeyError(f"the expert of {name!r} ({e.name}) plans on the host and {name!r} has no closed-loop (jittable) "
+                   f"expert; those exist for: {', '.join(sorted(_CLOSED_LOOP))}")
+  return _built(_CLOSED_LOOP, name)

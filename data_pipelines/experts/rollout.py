@@ -15,10 +15,12 @@ is reproducible on its own, whatever the batch it ran in. Continuous-control exp
 under one jitted `lax.scan`; the grid planner plans on the host and its open-loop plan is replayed
 the same way (the grid is deterministic).
 
-``action_noise`` > 0 (continuous, jittable experts): DART-style demonstrations (Laskey et al., 2017). The env
-executes the expert's action plus Gaussian noise of that standard deviation (clipped to the action bounds), but
-the episode records the expert's own (clean) action as the label: the states drift off the expert's path the way
-a learner's do, and each is labelled with the expert's correction.
+``action_noise`` > 0: DART-style demonstrations (Laskey et al., 2017). For continuous actions the env executes the
+expert's action plus Gaussian noise of that standard deviation (clipped to the action bounds); for discrete actions,
+with that probability, a uniformly random one of the expert's `noise_actions`. The episode records the expert's own
+(clean) action as the label: the states drift off the expert's path the way a learner's do, and each is labelled
+with the expert's correction. This needs an expert that re-decides at every step: a host-side planner is replaced
+by its closed-loop stand-in (`experts.get(name, closed_loop=True)`, e.g. the grid's distance field).
 """
 
 from __future__ import annotations
@@ -46,10 +48,13 @@ def _program(env_name: str, expert: Expert, num_steps: int, planned: bool, actio
 
   Returns the final states, their target points and, per step, (obs, label action, reward, done, terminal,
   success, target point); with
-  ``action_noise`` the executed action is the label plus clipped Gaussian noise (see the module docstring).
+  ``action_noise`` the executed action is the label plus noise (see the module docstring).
   """
   env = registry.make(env_name)
   space = env.spec.action_space
+  if not space.is_continuous:
+    noise_choices = jnp.asarray(expert.noise_actions if expert.noise_actions is not None else range(space.num_actions),
+                                jnp.int32)
 
   def run(s0, keys, plans):
     def body(s, t):
@@ -60,8 +65,14 @@ def _program(env_name: str, expert: Expert, num_steps: int, planned: bool, actio
       executed = a
       if action_noise > 0:
         noise_keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(k, t), 0x6e6f6973))(keys)
-        noise = jax.vmap(lambda k: jax.random.normal(k, a.shape[1:], a.dtype))(noise_keys)
-        executed = jnp.clip(a + action_noise * noise, jnp.asarray(space.low, a.dtype), jnp.asarray(space.high, a.dtype))
+        if space.is_continuous:
+          noise = jax.vmap(lambda k: jax.random.normal(k, a.shape[1:], a.dtype))(noise_keys)
+          executed = jnp.clip(a + action_noise * noise, jnp.asarray(space.low, a.dtype),
+                              jnp.asarray(space.high, a.dtype))
+        else:
+          explore = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 1), action_noise))(noise_keys)
+          pick = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 2), (), 0, len(noise_choices)))(noise_keys)
+          executed = jnp.where(explore, noise_choices[pick].astype(a.dtype), a)
       s2 = _freeze(s.done, jax.vmap(env.step)(s, executed), s)
       return s2, (s.obs, a, s2.reward, s2.done, s2.terminal, s2.success, jax.vmap(env.target_point)(s))
 
@@ -92,27 +103,29 @@ def rollout(name: str, num_episodes: int, seed: int = 0, task_split: str = "trai
 
   Episodes run `batch_size` at a time (the last batch padded), so calls with the same batch size
   reuse one compiled program and give bit-identical episodes for the same seeds.
-  action_noise: std of the Gaussian noise added to the executed (not the recorded) continuous actions.
+  action_noise: std of the Gaussian noise added to the executed (not the recorded) continuous actions; for discrete
+    actions the probability of executing a random one instead (see the module docstring).
   """
   if num_episodes < 0:
     raise ValueError(f"rollout: num_episodes must be >= 0, got {num_episodes}")
   env = registry.make(name)
-  expert = expert or get(name)
+  action_noise = float(action_noise)
+  discrete = not env.spec.action_space.is_continuous
+  if action_noise < 0 or (discrete and action_noise > 1):
+    raise ValueError(f"rollout: action_noise of {name!r} must be {'in [0, 1] (a probability: discrete actions)' if discrete else '>= 0 (a std)'}, "
+                     f"got {action_noise}")
+  expert = expert or get(name, closed_loop=action_noise > 0)
   planned = not expert.jittable
   if planned and expert.plan is None:
     raise ValueError(f"rollout: expert {expert.name!r} of {name!r} is neither jittable nor has a plan()")
-  action_noise = float(action_noise)
-  if action_noise < 0:
-    raise ValueError(f"rollout: action_noise must be >= 0, got {action_noise}")
-  if action_noise > 0 and (planned or not env.spec.action_space.is_continuous):
-    raise ValueError(f"rollout: action_noise applies to continuous actions of jittable experts; {name!r} "
-                     f"({expert.name}) has {'a host-side plan' if planned else 'discrete actions'}")
+  if action_noise > 0 and planned:
+    raise ValueError(f"rollout: action_noise needs an expert that re-decides every step; {expert.name!r} of {name!r} "
+                     "replays a host-side plan (pass no expert to use the embodiment's closed-loop one)")
   num_steps = env.spec.max_episode_steps
   if batch_size < 1:
     raise ValueError(f"rollout: batch_size must be >= 1, got {batch_size}")
   batch = batch_size  # fixed (the last batch is padded): one compiled program per (env, batch), any split
   program = _program(name, expert, num_steps, planned, action_noise)
-  discrete = not env.spec.action_space.is_continuous
   family = getattr(env, "task_family", "") or name
   label = f"{expert.name}+dart{action_noise:g}" if action_noise > 0 else expert.name  # the episodes' `expert`
   reset = _batched_reset(name, task_split)
