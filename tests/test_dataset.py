@@ -315,6 +315,6 @@ def test_action_noise_reaches_the_train_split_only_and_is_recorded(tmp_path):
   with pytest.raises(ValueError, match="not among the embodiments"):
     build(["reacher"], 4, str(tmp_path), rollout=rollout, progress=False, action_noise={"pusher": 0.1})
   for bad in ("reacher", "reacher=-1", "reacher=abc", "=0.2"):
-    with pytest.raises(ValueError, match="embodiment=std"):
+    with pytest.raises(ValueError, match="embodiment=noise"):
       parse_action_noise(bad)
   assert parse_action_noise(" reacher=0.3, pusher=0 ") == {"reacher": 0.3, "pusher": 0.0}

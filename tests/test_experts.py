@@ -169,7 +169,77 @@ def test_reacher_dart_noise_records_the_clean_expert_action():
     q0, q1 = ik(s[:, 4:6].T, np.where(q[:, 1] >= 0, 1.0, -1.0))
     err = np.stack([(np.asarray(q0) - q[:, 0] + np.pi) % (2 * np.pi) - np.pi, np.asarray(q1) - q[:, 1]], 1)
     np.testing.assert_allclose(n["action"][:-1], np.clip(KP * err - KD * s[:, 6:8], -1, 1), atol=2e-3)
-  with pytest.raises(ValueError, match="continuous actions"):
-    experts.rollout("grid_goto", 2, action_noise=0.1)
-  with pytest.raises(ValueError, match="action_noise must be >= 0"):
+  with pytest.raises(ValueError, match=r"action_noise of 'reacher' must be >= 0"):
     experts.rollout("reacher", 2, action_noise=-0.1)
+
+
+def _pose_state(state, position, direction):
+  """`state` (a grid EnvState) with the agent moved to `position`, facing `direction`."""
+  agent = state.inner["agent"].replace(position=jnp.asarray(position, jnp.int32), direction=jnp.asarray(direction))
+  return state.replace(inner={**state.inner, "agent": agent})
+
+
+def _is_shortest_step(env, family, state, action) -> bool:
+  """Whether `action` is the first action of a shortest plan from `state` (BFS planner as the reference)."""
+  from data_pipelines.experts.grid_planner import plan_state
+  before = plan_state(family, state)
+  after = env.step(state, action)
+  if before is None:
+    return int(action) == LEFT  # unsolvable: the planner's expert turns left, so does the field
+  return bool(after.success) or (plan_state(family, after) is not None and len(plan_state(family, after)) == len(before) - 1)
+
+
+@pytest.mark.parametrize("name", ["grid_goto", "grid_pickup"])
+def test_grid_field_expert_takes_a_shortest_path_step_everywhere(name):
+  """The jittable distance-field expert, at states off the expert's path (random moves), always takes a step of a
+  shortest plan by the BFS planner (or succeeds)."""
+  env, family = make(name), name.removeprefix("grid_")
+  ex = experts.get(name, closed_loop=True)
+  assert ex.jittable and ex.name == "distance_field" and experts.get(name).name == "bfs_planner"
+  n = 32
+  s = jax.jit(jax.vmap(env.reset))(jax.random.split(jax.random.PRNGKey(3), n))
+  act, step = jax.jit(jax.vmap(ex.act)), jax.jit(jax.vmap(env.step))
+  rng = np.random.default_rng(0)
+  checked = 0
+  for _ in range(8):
+    a = np.asarray(act(s, None))
+    for i in range(n):
+      si = jax.tree_util.tree_map(lambda x, i=i: x[i], s)
+      if not bool(si.done):
+        assert _is_shortest_step(env, family, si, a[i]), (i, a[i])
+        checked += 1
+    moves = rng.choice([FORWARD, RIGHT, LEFT], n)
+    s2 = step(s, jnp.asarray(np.where(rng.random(n) < 0.5, moves, a)))
+    done = s.done
+    s = jax.tree_util.tree_map(lambda new, old, done=done: jnp.where(done.reshape((-1,) + (1,) * (new.ndim - 1)), old, new),
+                               s2, s)
+  assert checked >= 100
+  with pytest.raises(KeyError, match="no closed-loop"):
+    experts.get("grid_putnext", closed_loop=True)
+
+
+def test_grid_dart_noise_executes_random_moves_and_records_the_experts_correction():
+  """action_noise on a discrete embodiment: with that probability a random move is executed; every recorded action
+  is a shortest-plan step from the recorded pose (checked against the BFS planner), and the path leaves the one the
+  recorded actions would give."""
+  env = make("grid_goto")
+  clean = experts.rollout("grid_goto", 8, seed=0, batch_size=8)
+  noisy = experts.rollout("grid_goto", 8, seed=0, batch_size=8, action_noise=0.4)
+  assert {e["expert"] for e in clean} == {"bfs_planner"} and {e["expert"] for e in noisy} == {"distance_field+dart0.4"}
+  assert np.mean([e["success"] for e in noisy]) >= 0.75
+  deviations = 0
+  for ep in noisy:
+    _check_episode(ep, env.spec)
+    s0 = env.reset(jax.random.PRNGKey(ep["seed"]))  # objects never move in go-to: the pose is the whole state
+    g = env.grid_size - 1
+    poses = [(np.rint(st[:2] * g).astype(int), int(np.argmax(st[2:6]))) for st in ep["state"]]
+    for t, ((pos, d), a) in enumerate(zip(poses[:-1], ep["action"][:-1, 0])):
+      state = _pose_state(s0, pos, d)
+      assert _is_shortest_step(env, "goto", state, a), (ep["seed"], t)
+      nxt = env.step(state, a).inner["agent"]
+      deviations += not (np.array_equal(nxt.position, poses[t + 1][0]) and int(nxt.direction) == poses[t + 1][1])
+  assert deviations >= 3  # executed != recorded somewhere (p = 0.4 of a random move, 1/3 of them the expert's own)
+  with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+    experts.rollout("grid_goto", 2, action_noise=1.5)
+  with pytest.raises(ValueError, match="re-decides every step"):
+    experts.rollout("grid_goto", 2, action_noise=0.1, expert=experts.get("grid_goto"))
