@@ -76,7 +76,8 @@ def episodes_per_embodiment(config) -> dict[str, int]:
 
 
 def action_noise(config) -> dict[str, float]:
-  """``data.action_noise`` ("reacher=0.3"): DART noise of each embodiment's train-split demonstrations."""
+  """``data.action_noise`` ("reacher=0.3,grid_goto=0.2"): DART noise of each embodiment's train-split demonstrations
+  (a std for continuous actions, the probability of a random move for discrete ones)."""
   from data_pipelines.build import parse_action_noise
   try:
     noise = parse_action_noise(str(config.data.get("action_noise", "") or ""))
@@ -86,6 +87,9 @@ def action_noise(config) -> dict[str, float]:
   for name in noise:
     cv.require(name in registry.names(), "data.action_noise", f"unknown embodiment (known: {', '.join(registry.names())})",
                name)
+    if not registry.make(name).spec.action_space.is_continuous:
+      cv.require(noise[name] <= 1.0, "data.action_noise", "a probability in [0, 1] (discrete actions)",
+                 f"{name}={noise[name]}")
   names = embodiment_names(config)
   return {k: v for k, v in noise.items() if k in names}  # entries for bodies this run does not use are ignored
 
