@@ -39,6 +39,12 @@ def _front_index(size: int):
   return np.clip(fr, 0, size - 1), np.clip(fc, 0, size - 1), inside
 
 
+def _can_forward(grid: jax.Array) -> jax.Array:
+  """bool [G, G, 4]: whether a forward move from pose (r, c, d) enters a walkable cell."""
+  fr, fc, inside = _front_index(grid.shape[0])
+  return jnp.asarray(inside) & jnp.isin(grid[..., 0], jnp.asarray(_WALKABLE, grid.dtype))[fr, fc]
+
+
 def distance_field(grid: jax.Array, target: jax.Array) -> jax.Array:
   """float32 [G, G, 4]: fewest forward / right / left actions from each pose to one facing `target` (inf: never).
 
@@ -46,8 +52,7 @@ def distance_field(grid: jax.Array, target: jax.Array) -> jax.Array:
   """
   size = grid.shape[0]
   fr, fc, inside = _front_index(size)
-  walkable = jnp.isin(grid[..., 0], jnp.asarray(_WALKABLE, grid.dtype))
-  can_forward = jnp.asarray(inside) & walkable[fr, fc]
+  can_forward = _can_forward(grid)
   goal = jnp.asarray(inside) & jnp.all(grid[fr, fc] == target.astype(grid.dtype), axis=-1)
   d_idx = np.broadcast_to(np.arange(4), (size, size, 4))
   inf = jnp.float32(jnp.inf)
@@ -73,13 +78,11 @@ def distance_field(grid: jax.Array, target: jax.Array) -> jax.Array:
 def field_action(family: str, grid: jax.Array, position: jax.Array, direction: jax.Array, target: jax.Array):
   """int32 action of the field expert at one pose (see the module docstring)."""
   dist = distance_field(grid, target)
-  size = grid.shape[0]
-  fr, fc, inside = _front_index(size)
+  fr, fc, _ = _front_index(grid.shape[0])
   r, c, d = position[0], position[1], direction
-  walkable = jnp.isin(grid[..., 0], jnp.asarray(_WALKABLE, grid.dtype))
   f_r, f_c = jnp.asarray(fr)[r, c, d], jnp.asarray(fc)[r, c, d]
   cost = jnp.stack([
-      jnp.where(jnp.asarray(inside)[r, c, d] & walkable[f_r, f_c], dist[f_r, f_c, d], jnp.inf),
+      jnp.where(_can_forward(grid)[r, c, d], dist[f_r, f_c, d], jnp.inf),
       dist[r, c, (d + 1) % 4],
       dist[r, c, (d - 1) % 4]])
   best = jnp.asarray((FORWARD, RIGHT, LEFT), jnp.int32)[jnp.argmin(cost)]  # argmin keeps the first of ties
