@@ -70,7 +70,8 @@ def test_data_action_noise_is_parsed_per_embodiment_and_validated():
   assert pipeline.action_noise(c) == {"reacher": 0.3}
   c.data.action_noise = "grid_goto=0.2"
   assert pipeline.action_noise(c) == {"grid_goto": 0.2}
-  for bad in ("reacher", "reacher=-0.1", "reacher=x", "reachr=0.3", "grid_goto=1.5"):
+  for bad in ("reacher", "reacher=-0.1", "reacher=x", "reachr=0.3", "grid_goto=1.5",
+              "grid_putnext=0.2"):
     c.data.action_noise = bad
     with pytest.raises(ConfigError, match="data.action_noise"):
       pipeline.validate(c)

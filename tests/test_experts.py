@@ -244,5 +244,7 @@ def test_grid_dart_noise_executes_random_moves_and_records_the_experts_correctio
   assert deviations >= 3  # executed != recorded somewhere (p = 0.4 of a random move, 1/3 of them the expert's own)
   with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
     experts.rollout("grid_goto", 2, action_noise=1.5)
+  with pytest.raises(ValueError, match="no closed-loop"):
+    experts.rollout("grid_putnext", 2, action_noise=0.1)
   with pytest.raises(ValueError, match="re-decides every step"):
     experts.rollout("grid_goto", 2, action_noise=0.1, expert=experts.get("grid_goto"))

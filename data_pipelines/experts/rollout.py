@@ -112,9 +112,13 @@ def rollout(name: str, num_episodes: int, seed: int = 0, task_split: str = "trai
   action_noise = float(action_noise)
   discrete = not env.spec.action_space.is_continuous
   if action_noise < 0 or (discrete and action_noise > 1):
-    raise ValueError(f"rollout: action_noise of {name!r} must be {'in [0, 1] (a probability: discrete actions)' if discrete else '>= 0 (a std)'}, "
-                     f"got {action_noise}")
-  expert = expert or get(name, closed_loop=action_noise > 0)
+    expected = "in [0, 1] (a probability: discrete actions)" if discrete else ">= 0 (a std)"
+    raise ValueError(f"rollout: action_noise of {name!r} must be {expected}, got {action_noise}")
+  if expert is None:
+    try:
+      expert = get(name, closed_loop=action_noise > 0)
+    except KeyError as e:  # e.g. noise for a body whose only expert is a host-side planner (grid_putnext)
+      raise ValueError(f"rollout: {e.args[0]}") from None
   planned = not expert.jittable
   if planned and expert.plan is None:
     raise ValueError(f"rollout: expert {expert.name!r} of {name!r} is neither jittable nor has a plan()")

@@ -90,6 +90,12 @@ def action_noise(config) -> dict[str, float]:
     if not registry.make(name).spec.action_space.is_continuous:
       cv.require(noise[name] <= 1.0, "data.action_noise", "a probability in [0, 1] (discrete actions)",
                  f"{name}={noise[name]}")
+    if noise[name] > 0:
+      from data_pipelines import experts
+      try:
+        experts.get(name, closed_loop=True)
+      except KeyError as e:
+        raise cv.ConfigError(f"data.action_noise: {e.args[0]}") from None
   names = embodiment_names(config)
   return {k: v for k, v in noise.items() if k in names}  # entries for bodies this run does not use are ignored
 
