@@ -44,6 +44,9 @@ _EXPERTS: dict[str, Any] = {
     "grid_goto": "data_pipelines.experts.grid_planner:make_expert",
     "grid_pickup": "data_pipelines.experts.grid_planner:make_expert",
     "grid_putnext": "data_pipelines.experts.grid_planner:make_expert",
+    "grid_goto_ego": "data_pipelines.experts.grid_planner:make_expert",
+    "grid_pickup_ego": "data_pipelines.experts.grid_planner:make_expert",
+    "grid_putnext_ego": "data_pipelines.experts.grid_planner:make_expert",
     "reacher": "data_pipelines.experts.reacher:make_expert",
     "pusher": "data_pipelines.experts.pusher:make_expert",
     "halfcheetah": "data_pipelines.experts.halfcheetah:make_expert",
@@ -53,6 +56,8 @@ _EXPERTS: dict[str, Any] = {
 _CLOSED_LOOP: dict[str, Any] = {
     "grid_goto": "data_pipelines.experts.grid_field:make_expert",
     "grid_pickup": "data_pipelines.experts.grid_field:make_expert",
+    "grid_goto_ego": "data_pipelines.experts.grid_field:make_expert",
+    "grid_pickup_ego": "data_pipelines.experts.grid_field:make_expert",
 }
 
 

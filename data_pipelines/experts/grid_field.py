@@ -92,7 +92,7 @@ def field_action(family: str, grid: jax.Array, position: jax.Array, direction: j
 
 
 def make_expert(name: str) -> Expert:
-  family = name.removeprefix("grid_")
+  family = name.removeprefix("grid_").removesuffix("_ego")  # the _ego views share the task and its expert
   if family not in FAMILIES:
     raise KeyError(f"grid_field: no distance-field expert for {name!r} (it covers {', '.join('grid_' + f for f in FAMILIES)};"
                    " grid_putnext has only the host-side BFS planner, without action noise)")

@@ -124,7 +124,7 @@ def plan_state(family: str, state) -> Optional[list[int]]:
 
 
 def make_expert(name: str) -> Expert:
-  family = name.removeprefix("grid_")
+  family = name.removeprefix("grid_").removesuffix("_ego")  # the _ego views share the task and its expert
   if family not in ("goto", "pickup", "putnext"):
     raise KeyError(f"grid_planner: no grid task family for embodiment {name!r}")
 

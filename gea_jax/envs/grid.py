@@ -28,6 +28,12 @@ one-hot (6), held colour one-hot (6).
 `target_point`: the centre of the cell holding the instruction's first object, in image fractions (recorded in the
 expert datasets as the label of SFT's grounding loss, `gea_jax.agent.grounding`; never an input of the agent).
 
+Egocentric variants (`grid_goto_ego`, `grid_pickup_ego`, `grid_putnext_ego`): the same tasks and dynamics, but the frame
+is the top-down view turned by the agent's facing so that the agent always points up (a lossless 90-degree rotation;
+the state vector still carries the absolute pose). What the agent faces is then always the cell above its triangle,
+and "turn towards the target" reads off the frame without composing it with the facing; BabyAI's agents see their
+rooms egocentrically for the same reason. `target_point` is given in the turned frame.
+
 Held-out sets: "heldout_seed" (disjoint random stream) and "heldout_combo": the target object's
 colour-kind pair is one of `HELDOUT_COMBOS`, which never appear (as target or distractor) in
 "train" / "heldout_seed".
@@ -140,6 +146,7 @@ class GridTask(Embodiment):
 
   task_family: str = ""
   task_splits = SPLITS
+  egocentric = False  # True: the frame is turned so that the agent points up (the `_ego` embodiments)
 
   def __init__(self, image_size: int = 64, grid_size: int = 8, num_objects: int = 4,
                max_episode_steps: int = 64, num_doors: int = 2, door_target_prob: float = 1 / 3):
@@ -158,11 +165,13 @@ class GridTask(Embodiment):
     self.grid_size, self.num_objects, self.image_size = grid_size, num_objects, image_size
     self.num_doors, self.door_target_prob = int(num_doors), float(door_target_prob)
     self.cell = image_size // grid_size
+    view = ("seen from above, the view turned so that the agent always faces up" if self.egocentric
+            else "seen from above")
     self.spec = EmbodimentSpec(
-        name=f"grid_{self.task_family}",
+        name=f"grid_{self.task_family}" + ("_ego" if self.egocentric else ""),
         action_space=ActionSpace("discrete", 1, names=ACTION_NAMES),
         image_shape=(image_size, image_size, 3), state_dim=19, max_episode_steps=max_episode_steps,
-        description="an agent in a grid room seen from above; it turns, moves forward, picks up and drops objects")
+        description=f"an agent in a grid room {view}; it turns, moves forward, picks up and drops objects")
     self._tiles = _tile_table(self.cell)
     self._agent = _agent_masks(self.cell)
     cells = np.array([(r, c) for r in range(1, grid_size - 1) for c in range(1, grid_size - 1)], np.int32)
@@ -252,11 +261,16 @@ class GridTask(Embodiment):
     hit = jnp.all(grid == state.task["obj_a"].astype(grid.dtype), axis=-1).reshape(-1)
     cell = jnp.argmax(hit)
     point = (jnp.stack([cell // self.grid_size, cell % self.grid_size]).astype(jnp.float32) + 0.5) / self.grid_size
+    if self.egocentric:
+      point = _turn_point(point, state.inner["agent"].direction)
     return jnp.where(hit.any(), point, -1.0)
 
   # ---- observation ----------------------------------------------------------------------
   def _obs(self, grid, agent):
-    return {"image": self.render(grid, agent), "state": self._state_vec(agent)}
+    image = self.render(grid, agent)
+    if self.egocentric:
+      image = _turn_image(image, agent.direction)
+    return {"image": image, "state": self._state_vec(agent)}
 
   def _state_vec(self, agent):
     g = self.grid_size - 1
@@ -290,6 +304,22 @@ class GridTask(Embodiment):
     tile = np.asarray(tile)
     kind = "door" if int(tile[0]) in _DOOR_TILES else OBJECTS[OBJECT_TILES.index(int(tile[0]))]
     return f"{COLOURS[COLOUR_IDS.index(int(tile[1]))]} {kind}"
+
+
+def _turn_image(image: jax.Array, direction: jax.Array) -> jax.Array:
+  """Turns a square [S, S, C] frame counter-clockwise by `direction` quarter turns (xminigrid's directions count
+  clockwise from up), so that an agent facing `direction` points up."""
+  turns = [jnp.rot90(image, k) for k in range(4)]
+  return jnp.select([direction == k for k in range(4)], turns, turns[0])
+
+
+def _turn_point(point: jax.Array, direction: jax.Array) -> jax.Array:
+  """Where the (row, col) image fraction `point` lands in `_turn_image(image, direction)`: one counter-clockwise
+  quarter turn maps (r, c) to (1 - c, r)."""
+  turns = [point]
+  for _ in range(3):
+    turns.append(jnp.stack([1.0 - turns[-1][1], turns[-1][0]]))
+  return jnp.select([direction == k for k in range(4)], turns, turns[0])
 
 
 class GridGoTo(GridTask):
@@ -328,3 +358,15 @@ class GridPutNext(GridTask):
 
   def describe_task(self, task, task_id):
     return f"put the {self.object_words(task['obj_a'])} next to the {self.object_words(task['obj_b'])}"
+
+
+class GridGoToEgo(GridGoTo):
+  egocentric = True
+
+
+class GridPickupEgo(GridPickup):
+  egocentric = True
+
+
+class GridPutNextEgo(GridPutNext):
+  egocentric = True

@@ -18,6 +18,9 @@ _REGISTRY: dict[str, str | Callable[..., Any]] = {
     "grid_goto": "gea_jax.envs.grid:GridGoTo",
     "grid_pickup": "gea_jax.envs.grid:GridPickup",
     "grid_putnext": "gea_jax.envs.grid:GridPutNext",
+    "grid_goto_ego": "gea_jax.envs.grid:GridGoToEgo",
+    "grid_pickup_ego": "gea_jax.envs.grid:GridPickupEgo",
+    "grid_putnext_ego": "gea_jax.envs.grid:GridPutNextEgo",
 }
 
 
