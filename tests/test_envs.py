@@ -208,3 +208,39 @@ def test_grid_target_point_is_the_named_objects_cell_and_minus_one_when_held():
   np.testing.assert_array_equal(np.asarray(pick.target_point(held)), [-1.0, -1.0])
   r = make("reacher")
   np.testing.assert_array_equal(np.asarray(r.target_point(r.reset(jax.random.PRNGKey(0)))), [-1.0, -1.0])
+
+
+def test_grid_ego_view_turns_the_frame_so_the_agent_faces_up():
+  """`grid_*_ego`: same tasks and dynamics as the top-down bodies; the frame is turned so that the cell the agent faces
+  is the one drawn above it (checked from pixels, for each facing), and `target_point` lands on the named object's
+  picture in the turned frame."""
+  from xminigrid.core.constants import Tiles
+  from xminigrid.types import AgentState
+
+  top, ego = make("grid_goto"), make("grid_goto_ego")
+  assert ego.spec.name == "grid_goto_ego" and "faces up" in ego.spec.description
+  assert ego.spec.image_shape == top.spec.image_shape and ego.spec.state_dim == top.spec.state_dim
+  c = ego.cell
+  s = ego.reset(jax.random.PRNGKey(3))
+  tile = np.asarray(s.task["obj_a"])
+  grid = np.asarray(ego._empty_grid).copy()
+  step = jax.jit(ego.step)
+  for direction, (dr, dc) in enumerate(((-1, 0), (0, 1), (1, 0), (0, -1))):
+    g = grid.copy()
+    g[3 + dr, 4 + dc] = tile  # the named object in the cell the agent faces
+    agent = AgentState(position=jnp.array([3, 4]), direction=jnp.asarray(direction),
+                       pocket=jnp.array([Tiles.EMPTY, 0], jnp.uint8))
+    st = s.replace(inner={"grid": jnp.asarray(g), "agent": agent})
+    img = np.asarray(ego._obs(st.inner["grid"], agent)["image"])
+    # the agent's own cell: the up-pointing triangle
+    (ar, ac), = {tuple(rc // c) for rc in np.argwhere((img == 250).all(-1))}
+    assert np.array_equal((img[ar * c:(ar + 1) * c, ac * c:(ac + 1) * c] == 250).all(-1), ego._agent[0])
+    # the object it faces is drawn directly above it (its picture turned with the frame), and target_point is there
+    np.testing.assert_array_equal(img[(ar - 1) * c:ar * c, ac * c:(ac + 1) * c],
+                                  np.rot90(ego._tiles[tile[0], tile[1]], direction))
+    np.testing.assert_allclose(np.asarray(ego.target_point(st)) * ego.grid_size, [ar - 0.5, ac + 0.5])
+    # the same dynamics as the top-down body: every action moves both alike, and the turned frame follows the facing
+    for action in range(6):
+      a, b = step(st, action), jax.jit(top.step)(st, action)
+      assert jax.tree.all(jax.tree.map(np.array_equal, (a.inner, a.success), (b.inner, b.success)))
+      np.testing.assert_array_equal(a.obs["image"], np.rot90(b.obs["image"], int(b.inner["agent"].direction)))

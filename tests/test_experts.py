@@ -42,10 +42,10 @@ def _check_episode(ep, spec):
     assert (tp >= 0).all() and (tp == tp[0]).all()
 
 
-@pytest.mark.parametrize("name", ["grid_goto", "grid_pickup", "grid_putnext"])
+@pytest.mark.parametrize("name", ["grid_goto", "grid_pickup", "grid_putnext", "grid_pickup_ego"])
 def test_grid_planner_solves_every_solvable_task(name):
   env = make(name)
-  family = name.removeprefix("grid_")
+  family = name.removeprefix("grid_").removesuffix("_ego")
   splits = (("train", 48), ("heldout_combo", 16)) if family == "putnext" else (("train", 48),)
   for split, n in splits:
     eps = experts.rollout(name, n, seed=100, task_split=split, batch_size=16)
