@@ -75,3 +75,20 @@ def test_data_action_noise_is_parsed_per_embodiment_and_validated():
     c.data.action_noise = bad
     with pytest.raises(ConfigError, match="data.action_noise"):
       pipeline.validate(c)
+
+
+def test_mixture_weights_fill_unnamed_embodiments_and_name_bad_entries():
+  from gea_jax.train.sft import mixture_weights
+  c = agent_config()
+  c.data.weights = ""
+  assert mixture_weights(c, ["reacher", "grid_goto"]) is None  # uniform
+  c.data.weights = "reacher=3,grid_goto_ego=2"
+  assert mixture_weights(c, ["reacher", "grid_goto_ego"]) == {"reacher": 3.0, "grid_goto_ego": 2.0}
+  # a run on other bodies: unnamed ones weigh 1, entries for bodies the run does not use are ignored
+  assert mixture_weights(c, ["reacher", "pusher"]) == {"reacher": 3.0, "pusher": 1.0}
+  assert mixture_weights(c, ["grid_goto"]) == {"grid_goto": 1.0}
+  for bad, match in (("reacher:3", "name=positive number"), ("reacher=0", "> 0"), ("reacher=x", "> 0"),
+                     ("reachr=3", "unknown embodiment"), ("reacher=inf", "> 0")):
+    c.data.weights = bad
+    with pytest.raises(ConfigError, match="data.weights.*" + match.replace("(", r"\(")):
+      pipeline.validate(c)

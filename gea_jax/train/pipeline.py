@@ -29,6 +29,7 @@ def validate(config) -> None:
   cv.positive(config, "data.heldout_episodes")
   episodes_per_embodiment(config)
   action_noise(config)
+  sft_lib.mixture_weights(config, embodiment_names(config))
   cv.positive(config, "rvq.num_levels")
   cv.positive(config, "rvq.codebook_size")
   cv.positive(config, "rvq.steps")

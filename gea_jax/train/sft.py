@@ -208,7 +208,7 @@ def make_iterator(config, ctx: AgentContext, data_dir: str, embodiments, *, batc
   from data_pipelines.pipeline import make_train_iterator
   s = config.sft
   batch_size = int(s.batch_size if batch_size is None else batch_size)
-  return make_train_iterator(data_dir, embodiments, _weights(config, embodiments),
+  return make_train_iterator(data_dir, embodiments, mixture_weights(config, embodiments),
                              batch_size=batch_size // jax.process_count(), seq_len=None,
                              history=int(config.data.history), tokenize=sequence_builder(ctx, embodiments),
                              seed=int(config.seed if seed is None else seed), split="train",
@@ -322,12 +322,34 @@ def train(config, workdir: str, *, artifact_dir: str, data_dir: str, embodiments
                    curves=curves)
 
 
-def _weights(config, embodiments):
+def mixture_weights(config, embodiments) -> dict[str, float] | None:
+  """``data.weights`` ("reacher=3,grid_goto_ego=2"): each embodiment's share of the SFT batches, for `embodiments`.
+
+  An embodiment the entry does not name weighs 1; entries for embodiments the run does not use are ignored (so one
+  config serves runs on a subset, e.g. experiments/cross_domain.py's per-domain models). None: uniform.
+  """
   w = config.data.get("weights", None)
   if not w:
     return None
-  w = dict(w) if not isinstance(w, str) else dict(kv.split("=") for kv in w.split(",") if kv)
-  return {k: float(v) for k, v in w.items() if k in embodiments}
+  if isinstance(w, str):
+    items = [kv.strip().partition("=") for kv in w.split(",") if kv.strip()]
+    for name, sep, value in items:
+      cv.require(sep == "=" and bool(name.strip()), "data.weights", "expected 'name=positive number' entries separated "
+                 "by commas", f"{name}{sep}{value}")
+    w = {name.strip(): value for name, _, value in items}
+  from gea_jax.envs import registry
+  weights = {}
+  for name, value in dict(w).items():
+    cv.require(name in registry.names(), "data.weights", f"unknown embodiment (known: {', '.join(registry.names())})",
+               name)
+    try:
+      weight = float(value)
+    except (TypeError, ValueError):
+      weight = float("nan")
+    cv.require(np.isfinite(weight) and weight > 0, "data.weights", "weights must be finite numbers > 0",
+               f"{name}={value}")
+    weights[name] = weight
+  return {e: weights.get(e, 1.0) for e in embodiments}
 
 
 def run(config, workdir: str) -> None:
