@@ -2,7 +2,7 @@
 
     python -m gea_jax.main --config=configs/default.py --workdir=workdirs/demo
 
-build expert datasets (reacher, grid_goto) -> train the RVQ action tokenizer -> SFT a small VLM
+build expert datasets (reacher, grid_goto_ego) -> train the RVQ action tokenizer -> SFT a small VLM
 (tiny CNN + 3-layer Llama, SmolLM2's tokenizer) on both embodiments -> closed-loop evaluation on
 held-out seeds and held-out colour-object combinations -> WORKDIR/report.{json,md}.
 """

@@ -65,6 +65,7 @@ def test_data_cache_mb_must_be_a_positive_number():
 
 def test_data_action_noise_is_parsed_per_embodiment_and_validated():
   c = agent_config()
+  c.data.embodiments = "reacher,grid_goto"
   assert pipeline.action_noise(c) == {}
   c.data.action_noise = "reacher=0.3,pusher=0.2"  # pusher is not in this run: ignored
   assert pipeline.action_noise(c) == {"reacher": 0.3}
