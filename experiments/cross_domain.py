@@ -24,7 +24,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdirs/cross_domain", "Where datase
 _STEPS = flags.DEFINE_integer("steps_per_domain", 400, "SFT steps per domain.")
 _EPISODES = flags.DEFINE_integer("episodes", 200, "Train episodes per embodiment.")
 _EVAL_EPISODES = flags.DEFINE_integer("eval_episodes", 32, "Held-out episodes per embodiment and split.")
-_EMBODIMENTS = flags.DEFINE_string("embodiments", "reacher,grid_goto", "Domains (comma-separated).")
+_EMBODIMENTS = flags.DEFINE_string("embodiments", "reacher,grid_goto_ego", "Domains (comma-separated).")
 
 
 def main(argv):
@@ -37,6 +37,7 @@ def main(argv):
   names = [e for e in _EMBODIMENTS.value.split(",") if e]
   config = agent_config()
   config.data.embodiments = ",".join(names)
+  config.data.weights = ""  # uniform: each domain gets the same share of the mixture, the budget this compares
   config.data.episodes = _EPISODES.value
   config.eval.episodes = _EVAL_EPISODES.value
   pipeline.validate(config)

@@ -1,7 +1,7 @@
 """Does the trained agent find the instruction's object in its frames? Teacher-forced probe per dataset split.
 
     python experiments/grounding_probe.py --workdir=workdirs/demo [--config=configs/default.py] \\
-        [--embodiment=grid_goto] [--batches=8] [--batch_size=64]
+        [--embodiment=grid_goto_ego] [--batches=8] [--batch_size=64]
 
 Loads the SFT agent of a pipeline workdir (`WORKDIR/sft`, with `WORKDIR/data` and `WORKDIR/rvq/artifact`, or
 ``--config.data.data_dir`` / ``--config.sft.tokenizer_artifact``) and scores ``--batches`` batches of each split of
@@ -22,7 +22,8 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Agent config (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "The pipeline workdir holding the SFT agent.")
-_EMBODIMENT = flags.DEFINE_string("embodiment", "grid_goto", "Embodiment whose dataset splits are probed.")
+_EMBODIMENT = flags.DEFINE_string("embodiment", "", "Embodiment whose dataset splits are probed (\"\" = the config's "
+                                  "first grid body).")
 _BATCHES = flags.DEFINE_integer("batches", 8, "Batches per split.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Samples per batch.")
 
@@ -45,6 +46,7 @@ def main(argv):
   data_dir = config.data.data_dir or os.path.join(wd, "data")
   artifact = config.sft.tokenizer_artifact or os.path.join(wd, "rvq", "artifact")
   names = [e for e in str(config.data.embodiments).split(",") if e]
+  name = name or next((n for n in names if n.startswith("grid")), "")
   if name not in names:
     raise app.UsageError(f"--embodiment={name!r} is not one of the config's data.embodiments {names}")
   ctx = load_context(config, artifact, data_dir, names)
