@@ -224,7 +224,7 @@ def test_grid_ego_view_turns_the_frame_so_the_agent_faces_up():
   s = ego.reset(jax.random.PRNGKey(3))
   tile = np.asarray(s.task["obj_a"])
   grid = np.asarray(ego._empty_grid).copy()
-  step = jax.jit(ego.step)
+  step, top_step = jax.jit(ego.step), jax.jit(top.step)
   for direction, (dr, dc) in enumerate(((-1, 0), (0, 1), (1, 0), (0, -1))):
     g = grid.copy()
     g[3 + dr, 4 + dc] = tile  # the named object in the cell the agent faces
@@ -241,6 +241,6 @@ def test_grid_ego_view_turns_the_frame_so_the_agent_faces_up():
     np.testing.assert_allclose(np.asarray(ego.target_point(st)) * ego.grid_size, [ar - 0.5, ac + 0.5])
     # the same dynamics as the top-down body: every action moves both alike, and the turned frame follows the facing
     for action in range(6):
-      a, b = step(st, action), jax.jit(top.step)(st, action)
+      a, b = step(st, action), top_step(st, action)
       assert jax.tree.all(jax.tree.map(np.array_equal, (a.inner, a.success), (b.inner, b.success)))
       np.testing.assert_array_equal(a.obs["image"], np.rot90(b.obs["image"], int(b.inner["agent"].direction)))

@@ -24,7 +24,8 @@ def agent_config():
   c.data.data_dir = ""            # "" = WORKDIR/data (built by the pipeline if missing)
   # the grid body sees its room turned so that it always faces up (grid_goto_ego): with the top-down view (grid_goto)
   # the agent did not see objects in its way and looped into them (77.6% / 79.2% of the expert on held-out seeds /
-  # combinations over three seeds, against 88.0% / 87.0% egocentric; docs/benchmarks.md, sessions 9-10)
+  # combinations over three seeds; egocentric, with the batch shares below, 88.0% / 87.0%; docs/benchmarks.md,
+  # sessions 9-10)
   c.data.embodiments = "reacher,grid_goto_ego"
   # shares of the SFT batches (unnamed bodies weigh 1; "" = uniform). reacher gets 60%: with uniform shares its
   # held-out success was 75-88% over three seeds (mean 79.7%), at 3:2 84-92% (mean 88.6%) with the grid rows unchanged
