@@ -32,6 +32,35 @@ def require(ok: bool, key: str, expected: str, value: Any = None) -> None:
     raise ConfigError(f"{key}: {expected}{got}")
 
 
+def per_embodiment(config, key: str, convert, expected: str) -> dict[str, Any]:
+  """``"name=value,name=value"`` (or a mapping) at ``key`` -> {embodiment: convert(value)}. Every name must be a
+  registered embodiment; ``convert`` returns the value or raises ValueError / TypeError for a bad one (``expected``
+  says what a good one is). Missing / empty: {}."""
+  try:
+    spec = get(config, key)
+  except ConfigError:  # an optional key
+    return {}
+  if not spec:
+    return {}
+  if isinstance(spec, str):
+    items = [x.strip().partition("=") for x in spec.split(",") if x.strip()]
+    for name, sep, value in items:
+      require(sep == "=" and bool(name.strip()), key, f"expected 'name={expected}' entries separated by commas",
+              f"{name}{sep}{value}")
+    items = [(name.strip(), value.strip()) for name, _, value in items]
+  else:
+    items = list(dict(spec).items())
+  from gea_jax.envs import registry
+  out = {}
+  for name, value in items:
+    require(name in registry.names(), key, f"unknown embodiment (known: {', '.join(registry.names())})", name)
+    try:
+      out[name] = convert(value)
+    except (TypeError, ValueError):
+      raise ConfigError(f"{key}: expected 'name={expected}' entries, got {name}={value!r}") from None
+  return out
+
+
 def check_type(config, key: str, types: type | tuple[type, ...]) -> Any:
   value = get(config, key)
   ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in _as_tuple(types))

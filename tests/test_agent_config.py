@@ -88,8 +88,9 @@ def test_mixture_weights_fill_unnamed_embodiments_and_name_bad_entries():
   # a run on other bodies: unnamed ones weigh 1, entries for bodies the run does not use are ignored
   assert mixture_weights(c, ["reacher", "pusher"]) == {"reacher": 3.0, "pusher": 1.0}
   assert mixture_weights(c, ["grid_goto"]) == {"grid_goto": 1.0}
-  for bad, match in (("reacher:3", "name=positive number"), ("reacher=0", "> 0"), ("reacher=x", "> 0"),
-                     ("reachr=3", "unknown embodiment"), ("reacher=inf", "> 0")):
+  for bad, match in (("reacher:3", "name=positive number"), ("reacher=0", "name=positive number"),
+                     ("reacher=x", "name=positive number"), ("reachr=3", "unknown embodiment"),
+                     ("reacher=inf", "name=positive number"), ("=3", "name=positive number")):
     c.data.weights = bad
     with pytest.raises(ConfigError, match="data.weights.*" + match.replace("(", r"\(")):
       pipeline.validate(c)

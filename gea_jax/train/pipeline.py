@@ -63,16 +63,15 @@ def episodes_per_embodiment(config) -> dict[str, int]:
   """Train episodes of each embodiment of ``data.embodiments``: ``data.episodes``, overridden by
   ``data.episodes_by_embodiment`` ("grid_goto=1000,reacher=200"; names must be registered embodiments)."""
   counts = {name: int(config.data.episodes) for name in embodiment_names(config)}
-  spec = str(config.data.get("episodes_by_embodiment", "") or "")
-  for item in (x.strip() for x in spec.split(",") if x.strip()):
-    name, sep, n = item.partition("=")
-    cv.require(sep == "=" and n.strip().isdigit() and int(n) > 0, "data.episodes_by_embodiment",
-               "expected 'name=positive int' entries separated by commas", item)
-    from gea_jax.envs import registry
-    cv.require(name.strip() in registry.names(), "data.episodes_by_embodiment",
-               f"unknown embodiment (known: {', '.join(registry.names())})", name.strip())
-    if name.strip() in counts:  # entries for embodiments this run does not use are ignored
-      counts[name.strip()] = int(n)
+
+  def positive_int(value):
+    if not (str(value).strip().isdigit() and int(value) > 0):
+      raise ValueError(value)
+    return int(value)
+
+  given = cv.per_embodiment(config, "data.episodes_by_embodiment", positive_int, "positive int")
+  # entries for embodiments this run does not use are ignored
+  counts.update({name: n for name, n in given.items() if name in counts})
   return counts
 
 

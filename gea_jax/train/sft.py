@@ -328,27 +328,15 @@ def mixture_weights(config, embodiments) -> dict[str, float] | None:
   An embodiment the entry does not name weighs 1; entries for embodiments the run does not use are ignored (so one
   config serves runs on a subset, e.g. experiments/cross_domain.py's per-domain models). None: uniform.
   """
-  w = config.data.get("weights", None)
-  if not w:
+  def positive_number(value):
+    weight = float(value)
+    if not (np.isfinite(weight) and weight > 0):
+      raise ValueError(value)
+    return weight
+
+  weights = cv.per_embodiment(config, "data.weights", positive_number, "positive number")
+  if not weights:
     return None
-  if isinstance(w, str):
-    items = [kv.strip().partition("=") for kv in w.split(",") if kv.strip()]
-    for name, sep, value in items:
-      cv.require(sep == "=" and bool(name.strip()), "data.weights", "expected 'name=positive number' entries separated "
-                 "by commas", f"{name}{sep}{value}")
-    w = {name.strip(): value for name, _, value in items}
-  from gea_jax.envs import registry
-  weights = {}
-  for name, value in dict(w).items():
-    cv.require(name in registry.names(), "data.weights", f"unknown embodiment (known: {', '.join(registry.names())})",
-               name)
-    try:
-      weight = float(value)
-    except (TypeError, ValueError):
-      weight = float("nan")
-    cv.require(np.isfinite(weight) and weight > 0, "data.weights", "weights must be finite numbers > 0",
-               f"{name}={value}")
-    weights[name] = weight
   return {e: weights.get(e, 1.0) for e in embodiments}
 
 
