@@ -18,71 +18,25 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from xminigrid.core.constants import Tiles
 
 from data_pipelines.experts.base import Expert
-from gea_jax.envs.grid import DIRECTIONS, FORWARD, LEFT, PICKUP, RIGHT
+from gea_jax.envs.grid import FORWARD, LEFT, PICKUP, RIGHT
+from gea_jax.envs.grid_paths import can_forward, distance_field, front_index
 
-_WALKABLE = (Tiles.FLOOR, Tiles.GOAL, Tiles.DOOR_OPEN)  # as grid_planner: what a forward move may enter
 FAMILIES = ("goto", "pickup")
 # Actions of the executed-action noise (rollout's `action_noise`): moves only. A random pickup would take the target
 # (or another object) into the pocket and leave a go-to task unsolvable.
 NOISE_ACTIONS = (FORWARD, RIGHT, LEFT)
 
 
-def _front_index(size: int):
-  """Per pose (r, c, d): the front cell (clipped into the grid) and whether it is inside it."""
-  r, c, d = np.meshgrid(np.arange(size), np.arange(size), np.arange(4), indexing="ij")
-  fr, fc = r + DIRECTIONS[d][..., 0], c + DIRECTIONS[d][..., 1]
-  inside = (fr >= 0) & (fr < size) & (fc >= 0) & (fc < size)
-  return np.clip(fr, 0, size - 1), np.clip(fc, 0, size - 1), inside
-
-
-def _can_forward(grid: jax.Array) -> jax.Array:
-  """bool [G, G, 4]: whether a forward move from pose (r, c, d) enters a walkable cell."""
-  fr, fc, inside = _front_index(grid.shape[0])
-  return jnp.asarray(inside) & jnp.isin(grid[..., 0], jnp.asarray(_WALKABLE, grid.dtype))[fr, fc]
-
-
-def distance_field(grid: jax.Array, target: jax.Array) -> jax.Array:
-  """float32 [G, G, 4]: fewest forward / right / left actions from each pose to one facing `target` (inf: never).
-
-  grid: uint8 [G, G, 2] (tile, colour); target: [2] (tile, colour) of the object or door to face.
-  """
-  size = grid.shape[0]
-  fr, fc, inside = _front_index(size)
-  can_forward = _can_forward(grid)
-  goal = jnp.asarray(inside) & jnp.all(grid[fr, fc] == target.astype(grid.dtype), axis=-1)
-  d_idx = np.broadcast_to(np.arange(4), (size, size, 4))
-  inf = jnp.float32(jnp.inf)
-
-  def relax(dist):
-    turned = jnp.minimum(jnp.roll(dist, -1, axis=2), jnp.roll(dist, 1, axis=2))  # facing d+1 (right) / d-1 (left)
-    moved = jnp.where(can_forward, dist[fr, fc, d_idx], inf)
-    return jnp.minimum(dist, 1.0 + jnp.minimum(turned, moved))
-
-  def cond(carry):
-    dist, previous, i = carry
-    return jnp.any(dist != previous) & (i < 4 * size * size)
-
-  def body(carry):
-    dist, _, i = carry
-    return relax(dist), dist, i + 1
-
-  start = jnp.where(goal, 0.0, inf)
-  dist, _, _ = jax.lax.while_loop(cond, body, (relax(start), start, jnp.int32(1)))
-  return dist
-
-
 def field_action(family: str, grid: jax.Array, position: jax.Array, direction: jax.Array, target: jax.Array):
   """int32 action of the field expert at one pose (see the module docstring)."""
   dist = distance_field(grid, target)
-  fr, fc, _ = _front_index(grid.shape[0])
+  fr, fc, _ = front_index(grid.shape[0])
   r, c, d = position[0], position[1], direction
   f_r, f_c = jnp.asarray(fr)[r, c, d], jnp.asarray(fc)[r, c, d]
   cost = jnp.stack([
-      jnp.where(_can_forward(grid)[r, c, d], dist[f_r, f_c, d], jnp.inf),
+      jnp.where(can_forward(grid)[r, c, d], dist[f_r, f_c, d], jnp.inf),
       dist[r, c, (d + 1) % 4],
       dist[r, c, (d - 1) % 4]])
   best = jnp.asarray((FORWARD, RIGHT, LEFT), jnp.int32)[jnp.argmin(cost)]  # argmin keeps the first of ties

@@ -50,6 +50,7 @@ from xminigrid.core.grid import room
 from xminigrid.types import AgentState
 
 from gea_jax.envs.base import SPLITS, Embodiment, EnvState, check_split, finish_step, split_key
+from gea_jax.envs.grid_paths import DIRECTIONS, distance_field
 from gea_jax.envs.spec import ActionSpace, EmbodimentSpec
 
 ACTION_NAMES = ("forward", "right", "left", "pickup", "drop", "toggle")
@@ -68,7 +69,6 @@ _COMBOS = np.array([(o, c) for o in range(len(OBJECTS)) for c in range(len(COLOU
 _HELDOUT = np.array([(COLOURS[c], OBJECTS[o]) in HELDOUT_COMBOS for o, c in _COMBOS])
 _TILE_OF_KIND = np.array(OBJECT_TILES, np.int32)
 _COLOUR_OF = np.array(COLOUR_IDS, np.int32)
-DIRECTIONS = np.array([(-1, 0), (0, 1), (1, 0), (0, -1)])  # up, right, down, left (xminigrid)
 
 _RGB = {
     Colors.RED: (230, 40, 40), Colors.GREEN: (40, 200, 70), Colors.BLUE: (60, 100, 250),
@@ -264,6 +264,20 @@ class GridTask(Embodiment):
     if self.egocentric:
       point = _turn_point(point, state.inner["agent"].direction)
     return jnp.where(hit.any(), point, -1.0)
+
+  def shaping_potential(self, state: EnvState) -> jax.Array:
+    """Minus the number of forward / turn actions from the agent's pose to one facing the instruction's first
+    object (`grid_paths.distance_field`, capped at 4 G^2 when it cannot be reached): the potential of PPO's
+    potential-based reward shaping (`gea_jax.rl.shaping`). Defined for go-to and pick-up, whose tasks end on reaching
+    (go-to) or taking (pick-up) that object; put-next's second phase (carry to a free cell next to another object)
+    has no such potential here."""
+    if self.task_family not in ("goto", "pickup"):
+      raise NotImplementedError(f"{self.spec.name}: no shaping potential (defined for the go-to and pick-up grid "
+                                "bodies)")
+    agent = state.inner["agent"]
+    dist = distance_field(state.inner["grid"], state.task["obj_a"])[agent.position[0], agent.position[1],
+                                                                     agent.direction]
+    return -jnp.minimum(dist, jnp.float32(4 * self.grid_size ** 2))
 
   # ---- observation ----------------------------------------------------------------------
   def _obs(self, grid, agent):

@@ -95,6 +95,10 @@ def ppo_defaults() -> ml_collections.ConfigDict:
   c.entropy_coef = 0.01
   c.kl_coef = 0.05              # > 0: penalty KL(pi || frozen SFT policy) on the sampled actions
   c.reward_scaling = 1.0
+  # potential-based reward shaping, "name=coef,..." (bodies with a shaping_potential: the go-to / pick-up grid
+  # bodies): r + coef * (discount * phi(s') - phi(s)), phi = minus the actions left to the target
+  # (gea_jax.rl.shaping; the optimal policies are unchanged, a sparse-reward body gets a signal on every step)
+  c.shaping = ""
   c.normalize_advantage = True  # per embodiment over its whole batch (reward scales differ across bodies)
   # an embodiment whose batch holds one reward value only (a sparse-reward body with no success this iteration) gets
   # zero advantages: its GAE estimates are then value-function error alone, which normalization would blow up to
@@ -130,6 +134,32 @@ def embodiment_advantages(p, reward, value, bootstrap, termination, truncation):
   return adv, target
 
 
+def shaping_coefs(config) -> dict[str, float]:
+  """``ppo.shaping`` -> {embodiment: coefficient}; every named body must define a shaping potential."""
+  from gea_jax.envs import registry
+  from gea_jax.rl.shaping import has_potential
+  coefs = cv.per_embodiment(config, "ppo.shaping", float, "coefficient")
+  for name, coef in coefs.items():
+    cv.require(coef >= 0, "ppo.shaping", "coefficients must be >= 0", f"{name}={coef}")
+    cv.require(has_potential(registry.make(name)), "ppo.shaping",
+               "this embodiment has no shaping potential (the go-to and pick-up grid bodies have one)", name)
+  return coefs
+
+
+def make_envs(p, names: Sequence[str]) -> list:
+  """PPO's environments: the registry's bodies, wrapped in `PotentialShaping` where ``p.shaping`` names them."""
+  from gea_jax.envs import registry
+  from gea_jax.rl.shaping import PotentialShaping
+  coefs = cv.per_embodiment(p, "shaping", float, "coefficient")
+  envs = []
+  for name in names:
+    env = registry.make(name)
+    if coefs.get(name, 0.0) > 0:
+      env = PotentialShaping(env, coefs[name], float(p.discount))
+    envs.append(env)
+  return envs
+
+
 def validate(config) -> None:
   from gea_jax.train import sft
   sft.validate_model(config)
@@ -144,6 +174,7 @@ def validate(config) -> None:
             "value_warmup_iterations", "sft_coef"):
     cv.positive(config, f"{p}.{k}", allow_zero=True)
   cv.in_range(config, f"{p}.discount", 0.0, 1.0)
+  shaping_coefs(config)
   cv.in_range(config, f"{p}.gae_lambda", 0.0, 1.0)
   cv.positive(config, f"{p}.clip_eps")
   cv.one_of(config, f"{p}.train_mode", ("", "lora", "frozen", "full"))
@@ -261,8 +292,7 @@ class VlmPPO:
     self.sft_iterator = sft_iterator
     self.names = list(embodiments)
     self.ids = [ctx.index(n) for n in self.names]
-    from gea_jax.envs import registry
-    self.envs = [registry.make(n) for n in self.names]
+    self.envs = make_envs(p, self.names)
     n, T = int(p.num_envs), int(p.unroll_length)
     env_axes = sharding.logical_to_spec(("envs",), self.rules)[0]
     env_shards, label = mesh_shards("envs", self.rules, dict(self.mesh.shape))
