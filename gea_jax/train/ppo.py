@@ -109,6 +109,9 @@ def ppo_defaults() -> ml_collections.ConfigDict:
   c.sft_coef = 0.0
   c.sft_batch_size = 16
   c.value_warmup_iterations = 2 # first iterations train the value head alone (the policy is left unchanged)
+  # after the warm-up: scale of the value loss's gradient into the shared trunk (LoRA, vision, projector); 0 = the
+  # value head trains alone on the policy's features
+  c.value_trunk_grad = 1.0
   c.temperature = 1.0
   c.train_mode = "lora"         # GEA: LoRA + value head; "" = model.train_mode; "lora" | "frozen" | "full"
   c.log_every = 1
@@ -174,6 +177,8 @@ def validate(config) -> None:
             "value_warmup_iterations", "sft_coef"):
     cv.positive(config, f"{p}.{k}", allow_zero=True)
   cv.in_range(config, f"{p}.discount", 0.0, 1.0)
+  if "value_trunk_grad" in config.ppo:
+    cv.in_range(config, f"{p}.value_trunk_grad", 0.0, 1.0)
   shaping_coefs(config)
   cv.in_range(config, f"{p}.gae_lambda", 0.0, 1.0)
   cv.positive(config, f"{p}.clip_eps")
@@ -381,6 +386,7 @@ class VlmPPO:
     kl_coef = float(p.kl_coef)
     cand = candidate_ids(self.ctx.vocab.mask_table)  # logits over the action ids only (see action_scores)
     temp = float(p.temperature)  # the collector's sampling temperature: score the policy that drew the actions
+    trunk_grad = float(p.get("value_trunk_grad", 1.0))
     if kl_coef > 0:
       ref_logp, _, _, _ = action_scores(nnx.merge(graphdef, ref_params, rest), L, data, mask_table, candidate_ids=cand,
                                         temperature=temp)
@@ -389,7 +395,7 @@ class VlmPPO:
     def loss_fn(params, mb, _key):
       mb = jax.tree.map(self._on_batch, mb)
       model = nnx.merge(graphdef, params, rest)
-      logp_tok, ent_tok, value, _ = action_scores(model, L, mb, mask_table, value_trunk_grad=policy_weight,
+      logp_tok, ent_tok, value, _ = action_scores(model, L, mb, mask_table, value_trunk_grad=policy_weight * trunk_grad,
                                                   candidate_ids=cand, temperature=temp)
       logp = jnp.sum(logp_tok * mb["token_valid"], 1)
       entropy = jnp.sum(ent_tok * mb["token_valid"], 1)
