@@ -367,6 +367,24 @@ def test_frozen_llm_mode_changes_only_the_adapters(assets):
   assert not any("llm" in k for k in trainable)
 
 
+def test_lora_value_mode_changes_only_lora_and_the_value_head(assets):
+  """PPO's "lora_value": the vision encoder, projector, state encoder and embedding table stay bitwise as SFT left
+  them; the LoRA adapters and the value head train (here with half the value gradient reaching the trunk)."""
+  config, ctx, model = _setup(assets, "full")
+  config.ppo.train_mode, config.ppo.value_warmup_iterations, config.ppo.value_trunk_grad = "lora_value", 0, 0.5
+  wrt, mode = ppo.prepare_model(model, config)
+  assert mode == "lora_value"
+  before = _flat(model)
+  trainable = set(_flat(model, wrt))
+  assert trainable and all("lora" in k or "value_head" in k for k in trainable)
+  learner = ppo.VlmPPO(config.ppo, ctx, model, wrt, ["grid_goto"], seed=0)
+  assert np.isfinite(learner.iteration(0)["loss"])
+  after = _flat(learner.sync())
+  changed = {k for k in before if not np.array_equal(before[k], after[k])}
+  assert changed <= trainable
+  assert any("value_head" in k for k in changed) and any("lora" in k for k in changed)
+
+
 def test_value_warmup_iterations_train_only_the_value_head(assets):
   """During ``ppo.value_warmup_iterations`` the policy is untouched; afterwards the LoRA adapters train too."""
   config, ctx, model = _setup(assets, "full", history=1)
@@ -439,6 +457,9 @@ def test_validate_names_the_bad_key():
   c.sft.tokenizer_artifact, c.data.data_dir = "artifact", "data"
   c.ppo.num_minibatches = 3  # 1 embodiment x 2 envs x 4 steps = 8 transitions
   with pytest.raises(ConfigError, match="ppo.num_minibatches"):
+    ppo.validate(c)
+  c.ppo.num_minibatches, c.ppo.value_trunk_grad = 2, 1.5
+  with pytest.raises(ConfigError, match=r"ppo.value_trunk_grad: must be in \[0.0, 1.0\]"):
     ppo.validate(c)
 
 

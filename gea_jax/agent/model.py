@@ -212,7 +212,8 @@ def build_agent(model_cfg, layout: PromptLayout, state_dim: int, vocab_size: int
 
 
 def trainable_filter(model_cfg) -> Any:
-  """What the optimizer updates: LoRA adapters (+ everything outside the LLM), or all, or no LLM params."""
+  """What the optimizer updates: LoRA adapters (+ everything outside the LLM), or all, or no LLM params, or (PPO's
+  "lora_value") the LoRA adapters and the value head only."""
   from gea_jax.models.lora import LoraParam
   mode = model_cfg.train_mode
   if mode == "full":
@@ -224,4 +225,6 @@ def trainable_filter(model_cfg) -> Any:
     return nnx.Any(LoraParam, outside_llm, nnx.PathContains("embed_tokens"))
   if mode == "frozen":
     return outside_llm
-  raise ValueError(f"model.train_mode: expected 'lora', 'full' or 'frozen', got {mode!r}")
+  if mode == "lora_value":  # PPO only: the LoRA adapters and the value head; all else stays as SFT left it
+    return nnx.Any(LoraParam, nnx.PathContains("value_head"))
+  raise ValueError(f"model.train_mode: expected 'lora', 'full', 'frozen' or (PPO) 'lora_value', got {mode!r}")

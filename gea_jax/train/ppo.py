@@ -14,7 +14,9 @@ entropy bonus, optionally a KL penalty to the frozen starting (SFT) policy and, 
 cross-entropy on a batch of expert data (GEA's joint SFT + RL). The first ``ppo.value_warmup_iterations``
 iterations train the value head alone (its gradient stopped at the trunk, every other term off). What trains is
 ``ppo.train_mode`` (or ``model.train_mode`` when empty): "lora" (LoRA + value head + non-LLM parts + the
-embedding table; GEA), "frozen" (LLM frozen, adapters = vision/projector/state/value; LLaRP) or "full".
+embedding table; GEA), "lora_value" (LoRA + value head only), "frozen" (LLM frozen, adapters =
+vision/projector/state/value; LLaRP) or "full". After the warm-up the value loss's gradient reaches the shared trunk
+scaled by ``ppo.value_trunk_grad`` (1: fully; 0: the value head learns on the policy's features alone).
 The collector and the update are each one jitted call over the split (trainable, frozen) model state.
 
 Sharding: the run lives on the config's mesh (``mesh.shape``, ``sharding.rules``; ``train(..., mesh=)`` overrides
@@ -113,7 +115,9 @@ def ppo_defaults() -> ml_collections.ConfigDict:
   # value head trains alone on the policy's features
   c.value_trunk_grad = 1.0
   c.temperature = 1.0
-  c.train_mode = "lora"         # GEA: LoRA + value head; "" = model.train_mode; "lora" | "frozen" | "full"
+  # GEA: LoRA + value head; "" = model.train_mode; "lora" (also the vision encoder, projector, state encoder and
+  # embedding table) | "lora_value" (LoRA + value head only) | "frozen" | "full"
+  c.train_mode = "lora"
   c.log_every = 1
   c.checkpoint_every = 2
   c.keep_checkpoints = 2
@@ -182,7 +186,7 @@ def validate(config) -> None:
   shaping_coefs(config)
   cv.in_range(config, f"{p}.gae_lambda", 0.0, 1.0)
   cv.positive(config, f"{p}.clip_eps")
-  cv.one_of(config, f"{p}.train_mode", ("", "lora", "frozen", "full"))
+  cv.one_of(config, f"{p}.train_mode", ("", "lora", "lora_value", "frozen", "full"))
   cv.one_of(config, f"{p}.task_split", ("train", "heldout_seed", "heldout_combo"))
   cv.require(int(config.model.value_hidden_dim) > 0, "model.value_hidden_dim", "must be > 0 (PPO needs the value head)",
              config.model.value_hidden_dim)
@@ -250,7 +254,7 @@ def prepare_model(model: AgentModel, config) -> tuple[Any, str]:
   mode = str(config.ppo.get("train_mode", "") or config.model.train_mode)
   if model.vlm.value_head is None:
     raise ValueError("PPO needs the agent's value head: model.value_hidden_dim must be > 0")
-  if mode == "lora" and not jax.tree.leaves(nnx.state(model, LoraParam)):
+  if mode in ("lora", "lora_value") and not jax.tree.leaves(nnx.state(model, LoraParam)):
     lc = config.model.lora
     apply_lora(model.vlm.llm, LoraConfig(rank=int(lc.rank), alpha=float(lc.alpha),
                                          target_modules=tuple(lc.target_modules)), nnx.Rngs(int(config.seed) + 7))
