@@ -10,7 +10,7 @@ import pytest
 from data_pipelines.experts.grid_planner import plan_state
 from gea_jax.config_validation import ConfigError
 from gea_jax.envs import registry
-from gea_jax.envs.grid import FORWARD, LEFT, RIGHT
+from gea_jax.envs.grid import DIRECTIONS, FORWARD, LEFT, RIGHT
 from gea_jax.rl.shaping import PotentialShaping, has_potential
 from gea_jax.train import ppo
 
@@ -29,8 +29,8 @@ def _random_states(env, n=24, moves=6, seed=0):
 
 @pytest.mark.parametrize("name", ["grid_goto", "grid_pickup_ego"])
 def test_grid_potential_is_minus_the_planners_path_length(name):
-  """-phi = the BFS planner's number of moves to face the target (its plan minus the final pickup; a go-to plan
-  from a pose already facing the target is one blocked forward, phi 0)."""
+  """-phi = the BFS planner's number of moves to face the target (its plan minus the final pickup; at a pose already
+  facing the target, phi = 0 and the go-to plan is one blocked forward)."""
   env = registry.make(name)
   family = name.removeprefix("grid_").removesuffix("_ego")
   potential = jax.jit(jax.vmap(env.shaping_potential))
@@ -41,7 +41,9 @@ def test_grid_potential_is_minus_the_planners_path_length(name):
       one = jax.tree_util.tree_map(lambda x, i=i: x[i], host)
       plan = plan_state(family, one)
       assert plan is not None
-      moves = len(plan) - 1 if family == "pickup" else (0 if plan == [FORWARD] and phi[i] == 0 else len(plan))
+      front = np.asarray(one.inner["agent"].position) + DIRECTIONS[int(one.inner["agent"].direction)]
+      facing = bool(np.all(np.asarray(one.inner["grid"])[front[0], front[1]] == np.asarray(one.task["obj_a"])))
+      moves = len(plan) - 1 if family == "pickup" else (0 if facing else len(plan))
       assert -phi[i] == moves, (i, plan, phi[i])
       checked += 1
   assert checked > 100
