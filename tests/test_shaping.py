@@ -93,12 +93,14 @@ def test_ppo_shaping_config_is_validated_and_wraps_only_the_named_bodies():
   envs = ppo.make_envs(p, ["reacher", "grid_goto_ego"])
   assert not isinstance(envs[0], PotentialShaping) and isinstance(envs[1], PotentialShaping)
   assert envs[1].coef == 0.2 and envs[1].discount == p.discount
+  assert ppo.shaping_coefs(p) == {"grid_goto_ego": 0.2}
   c = ml_collections.ConfigDict({"ppo": p})
-  assert ppo.shaping_coefs(c) == {"grid_goto_ego": 0.2}
   for bad, match in (("reacher=0.1", "ppo.shaping: this embodiment has no shaping potential"),
                      ("grid_goto_ego=-1", "ppo.shaping: coefficients must be >= 0"),
                      ("grid_goto_ego=x", "ppo.shaping: expected 'name=coefficient'"),
                      ("nobody=0.1", "ppo.shaping: unknown embodiment")):
     c.ppo.shaping = bad
     with pytest.raises(ConfigError, match=match):
-      ppo.shaping_coefs(c)
+      ppo.shaping_coefs(c.ppo)
+    with pytest.raises(ConfigError, match=match):  # also when the learner is built without ppo.validate
+      ppo.make_envs(c.ppo, ["grid_goto_ego"])

@@ -367,22 +367,28 @@ def test_frozen_llm_mode_changes_only_the_adapters(assets):
   assert not any("llm" in k for k in trainable)
 
 
-def test_lora_value_mode_changes_only_lora_and_the_value_head(assets):
-  """PPO's "lora_value": the vision encoder, projector, state encoder and embedding table stay bitwise as SFT left
-  them; the LoRA adapters and the value head train (here with half the value gradient reaching the trunk)."""
+@pytest.mark.parametrize("trunk_grad", [0.0, 1.0])
+def test_lora_value_mode_and_value_trunk_grad(assets, trunk_grad):
+  """PPO's "lora_value": only the LoRA adapters and the value head may change (the vision encoder, projector, state
+  encoder and embedding table stay bitwise as SFT left them). With no policy signal (a batch without reward, no
+  entropy bonus, no KL), only the value loss trains: the adapters move iff ``ppo.value_trunk_grad`` > 0."""
   config, ctx, model = _setup(assets, "full")
-  config.ppo.train_mode, config.ppo.value_warmup_iterations, config.ppo.value_trunk_grad = "lora_value", 0, 0.5
+  p = config.ppo
+  p.train_mode, p.value_warmup_iterations, p.value_trunk_grad = "lora_value", 0, trunk_grad
+  p.entropy_coef, p.kl_coef, p.skip_flat_reward = 0.0, 0.0, True
   wrt, mode = ppo.prepare_model(model, config)
   assert mode == "lora_value"
   before = _flat(model)
   trainable = set(_flat(model, wrt))
   assert trainable and all("lora" in k or "value_head" in k for k in trainable)
-  learner = ppo.VlmPPO(config.ppo, ctx, model, wrt, ["grid_goto"], seed=0)
-  assert np.isfinite(learner.iteration(0)["loss"])
+  learner = ppo.VlmPPO(p, ctx, model, wrt, ["grid_goto"], seed=0)
+  trajs, boots, _ = learner.collect(0)
+  assert not np.any(np.asarray(trajs[0].reward)), "precondition: no reward in the batch (no policy signal)"
+  assert np.isfinite(learner.update(0, trajs, boots)["loss"])
   after = _flat(learner.sync())
   changed = {k for k in before if not np.array_equal(before[k], after[k])}
-  assert changed <= trainable
-  assert any("value_head" in k for k in changed) and any("lora" in k for k in changed)
+  assert changed <= trainable and any("value_head" in k for k in changed)
+  assert any("lora" in k for k in changed) == (trunk_grad > 0)
 
 
 def test_value_warmup_iterations_train_only_the_value_head(assets):

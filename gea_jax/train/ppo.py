@@ -141,11 +141,12 @@ def embodiment_advantages(p, reward, value, bootstrap, termination, truncation):
   return adv, target
 
 
-def shaping_coefs(config) -> dict[str, float]:
-  """``ppo.shaping`` -> {embodiment: coefficient}; every named body must define a shaping potential."""
+def shaping_coefs(p) -> dict[str, float]:
+  """The ``ppo`` section's ``shaping`` -> {embodiment: coefficient}; every named body must define a shaping
+  potential (a ConfigError naming ``ppo.shaping`` otherwise)."""
   from gea_jax.envs import registry
   from gea_jax.rl.shaping import has_potential
-  coefs = cv.per_embodiment(config, "ppo.shaping", float, "coefficient")
+  coefs = cv.per_embodiment({"ppo": p}, "ppo.shaping", float, "coefficient")
   for name, coef in coefs.items():
     cv.require(coef >= 0, "ppo.shaping", "coefficients must be >= 0", f"{name}={coef}")
     cv.require(has_potential(registry.make(name)), "ppo.shaping",
@@ -157,7 +158,7 @@ def make_envs(p, names: Sequence[str]) -> list:
   """PPO's environments: the registry's bodies, wrapped in `PotentialShaping` where ``p.shaping`` names them."""
   from gea_jax.envs import registry
   from gea_jax.rl.shaping import PotentialShaping
-  coefs = cv.per_embodiment(p, "shaping", float, "coefficient")
+  coefs = shaping_coefs(p)
   envs = []
   for name in names:
     env = registry.make(name)
@@ -183,7 +184,7 @@ def validate(config) -> None:
   cv.in_range(config, f"{p}.discount", 0.0, 1.0)
   if "value_trunk_grad" in config.ppo:
     cv.in_range(config, f"{p}.value_trunk_grad", 0.0, 1.0)
-  shaping_coefs(config)
+  shaping_coefs(config.ppo)
   cv.in_range(config, f"{p}.gae_lambda", 0.0, 1.0)
   cv.positive(config, f"{p}.clip_eps")
   cv.one_of(config, f"{p}.train_mode", ("", "lora", "lora_value", "frozen", "full"))
