@@ -22,7 +22,9 @@ the per-step cache's ratio to recompute is reported beside it. The model is Smol
 (30 = the full depth), the tiny CNN vision encoder on 64x64 frames, and an untrained RVQ action tokenizer
 (``--rvq_levels`` tokens per continuous action). Timing: a compile run, then ``--rounds`` round-robin
 timed runs; medians reported. Every variant encodes all k+1 frames with the vision encoder, decodes the
-action with the RVQ decoder and steps (and renders) the envs each step: those costs are shared.
+action with the RVQ decoder and steps (and renders) the envs each step: those costs are shared. Every variant
+folds the LoRA adapters into the kernels once per call (the collector's default ``fold_lora``); ``--fold_lora 0``
+runs them beside the kernels, as before 2026-11-23.
 
 It also prints the tokens run through the LLM per env step and row, with T_a = the layout's action slots
 (every decoder runs every slot; slots an embodiment does not use are masked): recompute = T_a * seq_len,
@@ -99,6 +101,8 @@ def model_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def main():
   ap = model_arguments(argparse.ArgumentParser())
   ap.add_argument("--rounds", type=int, default=3)
+  ap.add_argument("--fold_lora", type=int, default=1, choices=(0, 1),
+                  help="the collector's fold_lora (1, its default: LoRA folded into the kernels once per call)")
   args = ap.parse_args()
   ctx, model, names = build(args)
   L = ctx.layout
@@ -118,7 +122,7 @@ def main():
     variants = (("kv_cache", dict()), ("per_step_cache", dict(prefix_cache=False)),
                 ("recompute", dict(decode_fn=decode_without_cache)))
     for variant, kw in variants:
-      collect = make_collector(ctx, e, env, args.steps, greedy=False, **kw)
+      collect = make_collector(ctx, e, env, args.steps, greedy=False, fold_lora=bool(args.fold_lora), **kw)
 
       def run(st, pool, key, mt, collect=collect):
         traj = collect(nnx.merge(graphdef, st), pool, args.envs, key, mt)[0]
@@ -175,7 +179,7 @@ def main():
   print(json.dumps({"kv_cache_speedup": gm("speedup"), "per_env": {r["env"]: r["speedup"] for r in rows},
                     "per_step_cache_speedup": gm("per_step_cache_speedup"),
                     "kv_over_per_step_cache": gm("kv_over_per_step_cache"),
-                    "layers": args.layers, "envs": args.envs, "steps": args.steps,
+                    "layers": args.layers, "envs": args.envs, "steps": args.steps, "fold_lora": args.fold_lora,
                     "token_ratio_kv_cache": {r["env"]: r["token_ratio_kv_cache"] for r in rows},
                     "reset_steps_per_run": {r["env"]: r["reset_steps_per_run"] for r in rows}}))
 

@@ -25,6 +25,7 @@ from flax import nnx
 from gea_jax.agent.context import AgentContext
 from gea_jax.agent.policy import candidate_ids, decode_action_tokens, text_prefix_cache
 from gea_jax.agent.prompt import assemble, embodiment_prompt, left_pad
+from gea_jax.models.lora import merged_copy
 
 
 @dataclasses.dataclass
@@ -154,6 +155,7 @@ def evaluate_embodiment(model, ctx: AgentContext, name: str, *, num_episodes: in
   states = reset(jax.random.split(jax.random.fold_in(key, 0), num_episodes))
   text_ids, text_mask = text_prompts(ctx, e, instructions_of(env, states, num_episodes))
   text_ids, text_mask = jnp.asarray(text_ids), jnp.asarray(text_mask)
+  model = merged_copy(model)  # the parameters are fixed here: fold the LoRA adapters once (the model is untouched)
   policy = nnx.jit(make_policy_step(ctx, e, greedy=greedy))
   prefix = None
   if text_prefix:  # no resets during the evaluation: the text (and its KV cache) is fixed

@@ -13,6 +13,7 @@ from gea_jax.models.lora import (
   LoraParam,
   apply_lora,
   merge_lora,
+  merged_copy,
   merged_param_arrays,
   remove_lora,
   trainable_filter,
@@ -72,6 +73,28 @@ def test_adapter_changes_output_and_merge_equals_unmerged():
   assert model.layers[0].self_attn.q_proj.lora is None
   assert not nnx.state(model, LoraParam)
   np.testing.assert_allclose(np.asarray(model(IDS)), unmerged, atol=1e-5, rtol=0)
+
+
+def test_merged_copy_folds_adapters_into_a_copy_and_leaves_the_model_alone():
+  model = _model(LoraConfig(rank=4, alpha=8.0))
+  _randomize_b(model)
+  unmerged = np.asarray(model(IDS))
+  proj = model.layers[1].mlp.down_proj
+  k0 = np.asarray(proj.kernel[...])
+  copy = merged_copy(model)
+  cproj = copy.layers[1].mlp.down_proj
+  assert cproj.lora.merged and not proj.lora.merged
+  np.testing.assert_array_equal(np.asarray(proj.kernel[...]), k0)  # the model is untouched
+  np.testing.assert_allclose(np.asarray(cproj.kernel[...]), k0 + np.asarray(proj.lora.delta()), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(copy(IDS)), unmerged, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(np.asarray(model(IDS)), unmerged, atol=0, rtol=0)
+  assert merged_copy(copy) is copy  # nothing left to fold
+  plain = _model()
+  assert merged_copy(plain) is plain
+  graphdef, state = nnx.split(model)  # inside jit (a rollout call folds once per call)
+  traced = jax.jit(lambda st: merged_copy(nnx.merge(graphdef, st))(IDS))(state)
+  np.testing.assert_allclose(np.asarray(traced), unmerged, atol=1e-5, rtol=0)
+  assert not model.layers[0].self_attn.q_proj.lora.merged
 
 
 def test_target_modules_subset():

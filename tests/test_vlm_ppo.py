@@ -282,6 +282,35 @@ def test_collector_with_text_prefix_cache_equals_per_step_decoding(assets, name,
   np.testing.assert_allclose(np.asarray(boot_a), np.asarray(boot_b), atol=1e-5)
 
 
+def test_collector_with_lora_folded_equals_unfolded(assets):
+  """Folding the LoRA adapters into (a copy of) the kernels for a collector call (the default) gives the same
+  trajectory as running them beside the kernels (tests/test_lora.py: the fold leaves the model itself alone)."""
+  from gea_jax.models.lora import LoraParam, lora_projections
+  _, ctx, model = _setup(assets, "lora")
+  assert len(lora_projections(model)) == 7 * len(model.llm.layers)
+  lora = nnx.state(model, LoraParam)  # B starts at zero: give the adapters weights, so that they act
+  leaves, tree = jax.tree.flatten(lora)
+  keys = jax.random.split(jax.random.key(5), len(leaves))
+  nnx.update(model, jax.tree.unflatten(tree, [0.2 * jax.random.normal(k, x.shape, x.dtype)
+                                              for k, x in zip(keys, leaves)]))
+  e = ctx.index("reacher")
+  env = registry.make("reacher", max_episode_steps=3)
+  n, T = 3, 6
+  pool = make_reset_pool(env, ctx, e, jax.random.key(1), 8)
+  mask_table = jnp.asarray(ctx.vocab.mask_table)
+  graphdef, state = nnx.split(model)
+  outs = []
+  for fold in (True, False):
+    collect = make_collector(ctx, e, env, T, greedy=False, fold_lora=fold)
+    f = jax.jit(lambda st, pool, key, mt, collect=collect: collect(nnx.merge(graphdef, st), pool, n, key, mt))
+    outs.append(f(state, pool, jax.random.key(2), mask_table))
+  (a, boot_a), (b, boot_b) = outs
+  np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+  np.testing.assert_allclose(np.asarray(a.logp), np.asarray(b.logp), atol=1e-4)
+  np.testing.assert_allclose(np.asarray(a.value), np.asarray(b.value), atol=1e-4)
+  np.testing.assert_allclose(np.asarray(boot_a), np.asarray(boot_b), atol=1e-4)
+
+
 def test_continued_episodes_equal_one_longer_rollout(assets):
   """Two collector calls of T steps, the second continuing the episodes the first left running, give the same
   trajectory as one call of 2T steps (greedy, so the per-call keys do not matter; the text cache is recomputed

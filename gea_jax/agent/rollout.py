@@ -13,7 +13,8 @@ computed for all envs before the scan and recomputed for the reset rows only (`r
 chunks of a few rows) on the steps where some env was reset, so most steps run only the frame part of the
 prompt plus the action tokens. The carried cache holds the buffers the last decision wrote its frame and action
 slots into (`reuse_prefix_buffers`: not valid, overwritten by the next decision), so XLA writes them in place.
-``prefix_cache=False`` runs the whole prompt every step (the per-step cache).
+``prefix_cache=False`` runs the whole prompt every step (the per-step cache). The parameters are fixed within a
+call, so by default the LoRA adapters are folded into a copy of the kernels once at its start (``fold_lora``).
 
 ``make_collector(..., continue_episodes=True)`` gives ``collect(model, pool, num_envs, key, mask_table, start) ->
 (Trajectory, bootstrap value, Episodes)``: the envs start from ``start`` (the running episodes a previous call
@@ -45,6 +46,7 @@ from gea_jax.agent.policy import Decoded, reuse_prefix_buffers, sample_token, te
 from gea_jax.agent.prompt import PromptLayout, assemble
 from gea_jax.eval import init_buffers, instructions_of, make_policy_step, text_prompts
 from gea_jax.models.kv_cache import KVCache
+from gea_jax.models.lora import merged_copy
 from gea_jax.sharding import constrain
 
 
@@ -158,7 +160,7 @@ def refresh_prefix_rows(model, layout: PromptLayout, prefix: KVCache, done, text
 
 def make_collector(ctx: AgentContext, e: int, env, num_steps: int, *, greedy: bool = False,
                    temperature: float = 1.0, decode_fn=None, prefix_cache: bool | None = None,
-                   prefix_chunk: int | None = None, continue_episodes: bool = False):
+                   prefix_chunk: int | None = None, continue_episodes: bool = False, fold_lora: bool = True):
   """``collect(model, pool, num_envs, key, mask_table) -> (Trajectory, bootstrap_value [N])``.
 
   ``continue_episodes``: ``collect(model, pool, num_envs, key, mask_table, start) -> (Trajectory, bootstrap value,
@@ -171,6 +173,9 @@ def make_collector(ctx: AgentContext, e: int, env, num_steps: int, *, greedy: bo
   ``prefix_cache``: carry the text's KV cache across steps (see the module docstring); default True with
   the built-in decoder, False with a ``decode_fn`` (which must then accept ``prefix_cache=`` if set True).
   ``prefix_chunk``: rows per prefix recomputation after resets (`refresh_prefix_rows`; default ceil(N / 4)).
+  ``fold_lora``: decode with the LoRA adapters folded into a copy of the kernels, once per call
+  (`gea_jax.models.lora.merged_copy`; the parameters are fixed within a call): the same policy up to float
+  rounding, one matmul per projection instead of three; costs a second copy of the adapted kernels.
   """
   policy = make_policy_step(ctx, e, greedy=greedy, temperature=temperature, decode_fn=decode_fn, return_cache=True)
   spec = ctx.specs[e]
@@ -188,6 +193,8 @@ def make_collector(ctx: AgentContext, e: int, env, num_steps: int, *, greedy: bo
     if start is None:
       start = initial_episodes(ctx, pool, n)
     chunk = prefix_chunk or -(-n // 4)
+    if fold_lora:
+      model = merged_copy(model)
     # the text's KV cache (None without the prefix path: an empty pytree in the carry)
     prefix0 = text_prefix_cache(model, L, start.text_ids, start.text_mask) if use_prefix else None
     carry0 = _on_envs((start.env_state, start.buffers, start.text_ids, start.text_mask, jnp.zeros((), jnp.int32),

@@ -115,6 +115,9 @@ def ppo_defaults() -> ml_collections.ConfigDict:
   # value head trains alone on the policy's features
   c.value_trunk_grad = 1.0
   c.temperature = 1.0
+  # rollouts decode with the LoRA adapters folded into a copy of the kernels, once per collector call (faster
+  # action-token steps; needs memory for a second copy of the adapted kernels: False on a model that cannot spare it)
+  c.fold_lora = True
   # GEA: LoRA + value head; "" = model.train_mode; "lora" (also the vision encoder, projector, state encoder and
   # embedding table) | "lora_value" (LoRA + value head only) | "frozen" | "full"
   c.train_mode = "lora"
@@ -329,7 +332,8 @@ class VlmPPO:
 
     def collector(e_idx):
       collect = make_collector(ctx, self.ids[e_idx], self.envs[e_idx], T, greedy=False,
-                               temperature=float(p.temperature), continue_episodes=self.continue_episodes)
+                               temperature=float(p.temperature), continue_episodes=self.continue_episodes,
+                               fold_lora=bool(p.get("fold_lora", True)))
 
       def fn(params, rest, pool, key, mask_table, start=None):
         return collect(nnx.merge(graphdef, params, rest), pool, n, key, mask_table, start)
