@@ -135,15 +135,23 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.St
 
 
 def create_sharded(factory: Callable[[], nnx.Module], mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Module:
-  """Build ``factory()`` with every parameter created directly in its sharded layout."""
-  abstract = nnx.eval_shape(factory)
-  graphdef, abstract_state = nnx.split(abstract)
-  shardings = state_shardings(abstract_state, mesh, rules)
-  out_shardings = jax.tree.map(lambda v: v.get_value() if isinstance(v, nnx.Variable) else v, shardings,
-                               is_leaf=lambda x: isinstance(x, nnx.Variable))
+  """Build ``factory()`` with every parameter created directly in its sharded layout.
 
-  state = jax.jit(lambda: nnx.state(factory()), out_shardings=out_shardings)()
+  Also inside `use_mesh`: the layout comes from the variables' logical axes through ``rules``, so the factory runs
+  without the global mesh (under it, flax would read the logical names as mesh axes and fail).
+  """
+  with _without_global_mesh():
+    abstract = nnx.eval_shape(factory)
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = state_shardings(abstract_state, mesh, rules)
+    out_shardings = jax.tree.map(lambda v: v.get_value() if isinstance(v, nnx.Variable) else v, shardings,
+                                 is_leaf=lambda x: isinstance(x, nnx.Variable))
+    state = jax.jit(lambda: nnx.state(factory()), out_shardings=out_shardings)()
   return nnx.merge(graphdef, state)
+
+
+def _without_global_mesh():
+  return jax.set_mesh(None) if hasattr(jax, "set_mesh") else contextlib.nullcontext()
 
 
 def shard_module(module: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Module:

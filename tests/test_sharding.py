@@ -65,6 +65,18 @@ def test_create_sharded_splits_params_and_matches_single_device():
   np.testing.assert_allclose(np.asarray(out), np.asarray(reference(x)), atol=1e-5)
 
 
+def test_create_sharded_inside_use_mesh_equals_outside():
+  """Under `use_mesh` (a global mesh) the logical axes still go through the rules, not read as mesh axes."""
+  mesh = sharding.make_mesh((2, 4, 1))
+  outside = sharding.create_sharded(lambda: _Mlp(nnx.Rngs(0)), mesh)
+  with sharding.use_mesh(mesh):
+    inside = sharding.create_sharded(lambda: _Mlp(nnx.Rngs(0)), mesh)
+  for a, b in ((inside.up.kernel, outside.up.kernel), (inside.down.kernel, outside.down.kernel)):
+    a, b = a.get_value(), b.get_value()
+    assert a.sharding == b.sharding and a.sharding.spec != P()
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_constrain_is_noop_without_mesh():
   x = jnp.ones((4, 8))
   assert sharding.constrain(x, ("batch", "embed")) is x
