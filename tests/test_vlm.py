@@ -201,6 +201,28 @@ def test_siglip_encoder_in_vlm(tmp_path):
                              np.asarray(tokens[0, :4]), atol=1e-5)
 
 
+@pytest.mark.parametrize("size", [16, 15])
+def test_tiny_cnn_convolution_and_its_gradient_equal_xla_convolution(size):
+  """`conv_same` (XLA's convolution forward, an im2col backward) = nnx.Conv's own convolution and its autodiff,
+  for the kernel and the input, at even and odd sizes (uneven SAME padding), also inside a lax.scan."""
+  from gea_jax.models.tiny_cnn import conv_same
+  conv = nnx.Conv(5, 8, kernel_size=(3, 3), strides=(2, 2), padding="SAME", use_bias=False, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (3, size, size, 5))
+  g = jax.random.normal(jax.random.key(2), (3, -(-size // 2), -(-size // 2), 8))
+  k = conv.kernel[...]
+  ours = lambda x, k: jnp.sum(g * jnp.tanh(conv_same(x, k, 2)))
+  ref = lambda x, k: jnp.sum(g * jnp.tanh(jax.lax.conv_general_dilated(x, k, (2, 2), "SAME",
+                                                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))))
+  np.testing.assert_allclose(np.asarray(conv_same(x, k, 2)), np.asarray(conv(x)), atol=1e-5)
+  want = jax.grad(ref, argnums=(0, 1))(x, k)
+  for got in (jax.grad(ours, argnums=(0, 1))(x, k),
+              jax.jit(lambda x, k: jax.lax.scan(lambda c, _: (c, jax.grad(ours, argnums=(0, 1))(x, k)), 0,
+                                                None, length=2)[1])(x, k)):
+    for a, b in zip(got, want):
+      a = np.asarray(a)
+      np.testing.assert_allclose(a if a.ndim == b.ndim else a[1], np.asarray(b), atol=1e-4, rtol=1e-4)
+
+
 def test_film_conditioned_tiny_cnn():
   """A fresh FiLM layer is the identity (same features as the unconditioned encoder built from the same seed);
   once it has weights, the condition changes the features; a missing / unexpected condition is a named error."""

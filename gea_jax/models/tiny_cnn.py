@@ -14,12 +14,56 @@ layer starts at zero, so a fresh conditioned encoder computes exactly what the u
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from gea_jax.sharding import constrain
+
+
+def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+  out = -(-size // stride)
+  total = max((out - 1) * stride + kernel - size, 0)
+  return total // 2, total - total // 2
+
+
+def _conv_im2col(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """SAME convolution as one matmul over the kh*kw strided shifts of the padded input (NHWC, HWIO)."""
+  kh, kw, cin, cout = kernel.shape
+  b, h, w, _ = x.shape
+  oh, ow = -(-h // stride), -(-w // stride)
+  xp = jnp.pad(x, ((0, 0), _same_padding(h, kh, stride), _same_padding(w, kw, stride), (0, 0)))
+  cols = [xp[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride, :]
+          for i in range(kh) for j in range(kw)]
+  patches = jnp.concatenate(cols, -1).reshape(b * oh * ow, kh * kw * cin)
+  return (patches @ kernel.reshape(kh * kw * cin, cout)).reshape(b, oh, ow, cout)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_same(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """SAME convolution (NHWC input, HWIO kernel, no bias): XLA's convolution forward, an im2col matmul backward.
+
+  XLA:CPU runs convolution *gradients* inside a loop (PPO's minibatch ``lax.scan``) ~17x slower than outside one
+  (the encoder's three convolutions on 64 frames: 650 vs 37 ms; they took two thirds of a PPO update); the
+  gradient of the same convolution written as a matmul over shifted slices runs in ~27 ms there. The forward pass
+  keeps XLA's convolution, which is fast in and out of loops (and 2x faster than the im2col form).
+  """
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _conv_same_fwd(x, kernel, stride):
+  return conv_same(x, kernel, stride), (x, kernel)
+
+
+def _conv_same_bwd(stride, res, g):
+  x, kernel = res
+  return jax.vjp(lambda a, k: _conv_im2col(a, k, stride), x, kernel)[1](g)
+
+
+conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
 
 
 class TinyCNN(nnx.Module):
@@ -82,7 +126,8 @@ class TinyCNN(nnx.Module):
       cols = jnp.broadcast_to(jnp.linspace(-1.0, 1.0, w, dtype=images.dtype)[None, :, None], (h, w, 1))
       x = jnp.concatenate([x, jnp.broadcast_to(jnp.concatenate([rows, cols], -1), (b, h, w, 2))], -1)
     for i, conv in enumerate(self.convs):
-      x = conv(x)
+      dt = conv.dtype or x.dtype
+      x = conv_same(x.astype(dt), conv.kernel[...].astype(dt), conv.strides[0]) + conv.bias[...].astype(dt)
       if film is not None:
         gamma, beta = jnp.split(film[:, offsets[i]:offsets[i + 1]], 2, axis=-1)
         x = x * (1.0 + gamma[:, None, None]) + beta[:, None, None]
