@@ -205,7 +205,7 @@ def test_siglip_encoder_in_vlm(tmp_path):
 def test_tiny_cnn_convolution_and_its_gradient_equal_xla_convolution(size):
   """`conv_same` (XLA's convolution forward, an im2col backward) = nnx.Conv's own convolution and its autodiff,
   for the kernel and the input, at even and odd sizes (uneven SAME padding), also inside a lax.scan."""
-  from gea_jax.models.tiny_cnn import conv_same
+  from gea_jax.models.tiny_cnn import conv_same, use_loop_gradients
   conv = nnx.Conv(5, 8, kernel_size=(3, 3), strides=(2, 2), padding="SAME", use_bias=False, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (3, size, size, 5))
   g = jax.random.normal(jax.random.key(2), (3, -(-size // 2), -(-size // 2), 8))
@@ -214,6 +214,15 @@ def test_tiny_cnn_convolution_and_its_gradient_equal_xla_convolution(size):
   ref = lambda x, k: jnp.sum(g * jnp.tanh(jax.lax.conv_general_dilated(x, k, (2, 2), "SAME",
                                                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))))
   np.testing.assert_allclose(np.asarray(conv_same(x, k, 2)), np.asarray(conv(x)), atol=1e-5)
+  cnn = TinyCNN((4, 8), rngs=nnx.Rngs(3), coord_channels=True)
+  images = jax.random.uniform(jax.random.key(4), (2, size, size, 3))
+  grads = []
+  for on in (False, True):  # the encoder with loop_gradients (conv_same) = without (nnx.Conv), values and gradients
+    use_loop_gradients(cnn, on)
+    assert cnn.loop_gradients is on
+    grads.append(nnx.grad(lambda m: jnp.sum(jnp.sin(m.features(images))))(cnn))
+  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
   want = jax.grad(ref, argnums=(0, 1))(x, k)
   for got in (jax.grad(ours, argnums=(0, 1))(x, k),
               jax.jit(lambda x, k: jax.lax.scan(lambda c, _: (c, jax.grad(ours, argnums=(0, 1))(x, k)), 0,

@@ -384,6 +384,7 @@ def test_frozen_llm_mode_changes_only_the_adapters(assets):
   before = _flat(model)
   trainable = set(_flat(model, wrt))
   learner = ppo.VlmPPO(config.ppo, ctx, model, wrt, ["grid_goto"], seed=0)
+  assert model.vlm.vision_encoder.loop_gradients  # the update's convolution gradients run as im2col matmuls
   m = learner.iteration(0)
   assert np.isfinite(m["loss"])
   after = _flat(learner.sync())

@@ -48,8 +48,9 @@ def conv_same(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
 
   XLA:CPU runs convolution *gradients* inside a loop (PPO's minibatch ``lax.scan``) ~17x slower than outside one
   (the encoder's three convolutions on 64 frames: 650 vs 37 ms; they took two thirds of a PPO update); the
-  gradient of the same convolution written as a matmul over shifted slices runs in ~27 ms there. The forward pass
-  keeps XLA's convolution, which is fast in and out of loops (and 2x faster than the im2col form).
+  gradient of the same convolution written as a matmul over shifted slices runs in ~27 ms there (but ~15% slower
+  than XLA's outside loops, hence `TinyCNN.loop_gradients`). The forward pass keeps XLA's convolution, which is
+  fast in and out of loops (and 2x faster than the im2col form).
   """
   return jax.lax.conv_general_dilated(x, kernel, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
@@ -90,6 +91,9 @@ class TinyCNN(nnx.Module):
                               bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)), rngs=rngs)
     self.feature_dim = cin
     self.channels = channels
+    # True: convolution gradients as im2col matmuls (`conv_same`), for training steps inside a lax loop (PPO's
+    # minibatch scan) on XLA:CPU; same values. Set by `use_loop_gradients`; not a parameter (not checkpointed).
+    self.loop_gradients = False
     self.condition_dim = int(condition_dim)
     if self.condition_dim < 0:
       raise ValueError(f"TinyCNN.condition_dim: expected >= 0 (0 = no FiLM conditioning), got {condition_dim}")
@@ -126,10 +130,22 @@ class TinyCNN(nnx.Module):
       cols = jnp.broadcast_to(jnp.linspace(-1.0, 1.0, w, dtype=images.dtype)[None, :, None], (h, w, 1))
       x = jnp.concatenate([x, jnp.broadcast_to(jnp.concatenate([rows, cols], -1), (b, h, w, 2))], -1)
     for i, conv in enumerate(self.convs):
-      dt = conv.dtype or x.dtype
-      x = conv_same(x.astype(dt), conv.kernel[...].astype(dt), conv.strides[0]) + conv.bias[...].astype(dt)
+      if self.loop_gradients:
+        dt = conv.dtype or x.dtype
+        x = conv_same(x.astype(dt), conv.kernel[...].astype(dt), conv.strides[0]) + conv.bias[...].astype(dt)
+      else:
+        x = conv(x)
       if film is not None:
         gamma, beta = jnp.split(film[:, offsets[i]:offsets[i + 1]], 2, axis=-1)
         x = x * (1.0 + gamma[:, None, None]) + beta[:, None, None]
       x = constrain(jax.nn.gelu(x), ("batch", None, None, "conv_out"))
     return self.norm(x)
+
+
+def use_loop_gradients(module: nnx.Module, on: bool = True) -> nnx.Module:
+  """Set `TinyCNN.loop_gradients` on every TinyCNN inside ``module`` (in place): for a trainer whose update runs
+  its gradient steps inside a lax loop (gea_jax.train.ppo). Outputs and gradients are the same either way."""
+  for _, node in nnx.iter_graph(module):
+    if isinstance(node, TinyCNN):
+      node.loop_gradients = bool(on)
+  return module

@@ -64,6 +64,7 @@ from gea_jax.agent.context import AgentContext
 from gea_jax.agent.model import AgentModel, trainable_filter
 from gea_jax.agent.policy import action_scores, candidate_ids, sft_loss
 from gea_jax.agent.rollout import initial_episodes, make_collector, make_reset_pool, sequences
+from gea_jax.models.tiny_cnn import use_loop_gradients
 from gea_jax.agent.sequence import fill_action_ids
 from gea_jax.checkpoint import Checkpointer, abstract_like
 from gea_jax.reporting import MetricWriter, Progress
@@ -316,6 +317,7 @@ class VlmPPO:
     self.pool_sharding = NamedSharding(self.mesh, PartitionSpec(env_axes))            # [P, ...]
     self.traj_sharding = NamedSharding(self.mesh, PartitionSpec(None, env_axes))      # [T, N, ...]
     sharding.shard_module(model, self.mesh, self.rules)
+    use_loop_gradients(model)  # the update's gradient steps run in a lax.scan: see gea_jax.models.tiny_cnn.conv_same
     self.graphdef, params, self.rest = nnx.split(model, wrt, ...)
     self.params = params
     self.ref_params = jax.tree.map(jnp.copy, params)  # the frozen starting (SFT) policy, laid out like params
