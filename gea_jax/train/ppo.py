@@ -64,9 +64,9 @@ from gea_jax.agent.context import AgentContext
 from gea_jax.agent.model import AgentModel, trainable_filter
 from gea_jax.agent.policy import action_scores, candidate_ids, sft_loss
 from gea_jax.agent.rollout import initial_episodes, make_collector, make_reset_pool, sequences
-from gea_jax.models.tiny_cnn import use_loop_gradients
 from gea_jax.agent.sequence import fill_action_ids
 from gea_jax.checkpoint import Checkpointer, abstract_like
+from gea_jax.models.tiny_cnn import use_loop_gradients
 from gea_jax.reporting import MetricWriter, Progress
 from gea_jax.rl.gae import compute_gae
 from gea_jax.rl.losses import normalize_advantages, ppo_loss
