@@ -132,7 +132,7 @@ def merged_copy(model: nnx.Module) -> nnx.Module:
   decoding step). The copy holds a second set of the adapted kernels; it is jit-safe (inside a trace the folding
   is part of the computation). A model without active adapters is returned as is.
   """
-  if not any(not proj.lora.merged for _, proj in lora_projections(model)):
+  if all(proj.lora.merged for _, proj in lora_projections(model)):
     return model
   return merge_lora(nnx.clone(model))
 
