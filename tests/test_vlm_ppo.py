@@ -282,10 +282,14 @@ def test_collector_with_text_prefix_cache_equals_per_step_decoding(assets, name,
   np.testing.assert_allclose(np.asarray(boot_a), np.asarray(boot_b), atol=1e-5)
 
 
-def test_collector_with_lora_folded_equals_unfolded(assets):
+def test_collector_with_lora_folded_equals_unfolded(assets, monkeypatch):
   """Folding the LoRA adapters into (a copy of) the kernels for a collector call (the default) gives the same
   trajectory as running them beside the kernels (tests/test_lora.py: the fold leaves the model itself alone)."""
+  from gea_jax.agent import rollout
+  from gea_jax.models import lora as lora_lib
   from gea_jax.models.lora import LoraParam, lora_projections
+  folds = []
+  monkeypatch.setattr(rollout, "merged_copy", lambda m: folds.append(1) or lora_lib.merged_copy(m))
   _, ctx, model = _setup(assets, "lora")
   assert len(lora_projections(model)) == 7 * len(model.llm.layers)
   lora = nnx.state(model, LoraParam)  # B starts at zero: give the adapters weights, so that they act
@@ -304,6 +308,8 @@ def test_collector_with_lora_folded_equals_unfolded(assets):
     collect = make_collector(ctx, e, env, T, greedy=False, fold_lora=fold)
     f = jax.jit(lambda st, pool, key, mt, collect=collect: collect(nnx.merge(graphdef, st), pool, n, key, mt))
     outs.append(f(state, pool, jax.random.key(2), mask_table))
+    assert len(folds) == (1 if fold else 0)  # folded once per traced call, iff asked
+    folds.clear()
   (a, boot_a), (b, boot_b) = outs
   np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
   np.testing.assert_allclose(np.asarray(a.logp), np.asarray(b.logp), atol=1e-4)
