@@ -262,24 +262,36 @@ def test_collector_with_text_prefix_cache_equals_per_step_decoding(assets, name,
   e = ctx.index(name)
   env = registry.make(name, max_episode_steps=3)  # short episodes: the scan goes through auto-resets
   n, T = 3, 8
-  pool = make_reset_pool(env, ctx, e, jax.random.key(1), 8)
-  mask_table = jnp.asarray(ctx.vocab.mask_table)
-  graphdef, state = nnx.split(model)
-  outs = []
-  for prefix in (True, False):
-    collect = make_collector(ctx, e, env, T, greedy=False, prefix_cache=prefix)
-    f = jax.jit(lambda st, pool, key, mt, collect=collect: collect(nnx.merge(graphdef, st), pool, n, key, mt))
-    outs.append(f(state, pool, jax.random.key(2), mask_table))
-  (a, boot_a), (b, boot_b) = outs
+  (a, boot_a), (b, boot_b) = _collect_variants(ctx, model, e, env, T, n, dict(prefix_cache=True),
+                                               dict(prefix_cache=False))
   done = np.asarray(a.termination | a.truncation)
   assert done[:-1].any()  # resets inside the scan
   text = np.asarray(a.text_ids)
   assert any(not np.array_equal(text[0, i], text[-1, i]) for i in range(n))  # reset rows got new instructions
+  _assert_same_rollout(a, boot_a, b, boot_b, atol=1e-5)
+
+
+def _collect_variants(ctx, model, e, env, T, n, *variants, on_call=None):
+  """One jitted collector call per ``make_collector`` keyword set in ``variants`` (same pool and key):
+  [(trajectory, bootstrap value)]; ``on_call(kw)`` runs after each call."""
+  pool = make_reset_pool(env, ctx, e, jax.random.key(1), 8)
+  mask_table = jnp.asarray(ctx.vocab.mask_table)
+  graphdef, state = nnx.split(model)
+  outs = []
+  for kw in variants:
+    collect = make_collector(ctx, e, env, T, greedy=False, **kw)
+    f = jax.jit(lambda st, pool, key, mt, collect=collect: collect(nnx.merge(graphdef, st), pool, n, key, mt))
+    outs.append(f(state, pool, jax.random.key(2), mask_table))
+    if on_call is not None:
+      on_call(kw)
+  return outs
+
+
+def _assert_same_rollout(a, boot_a, b, boot_b, atol):
   np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
   np.testing.assert_array_equal(np.asarray(a.reward), np.asarray(b.reward))
-  np.testing.assert_allclose(np.asarray(a.logp), np.asarray(b.logp), atol=1e-5)
-  np.testing.assert_allclose(np.asarray(a.value), np.asarray(b.value), atol=1e-5)
-  np.testing.assert_allclose(np.asarray(boot_a), np.asarray(boot_b), atol=1e-5)
+  for x, y in ((a.logp, b.logp), (a.value, b.value), (boot_a, boot_b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol)
 
 
 def test_collector_with_lora_folded_equals_unfolded(assets, monkeypatch):
@@ -300,21 +312,13 @@ def test_collector_with_lora_folded_equals_unfolded(assets, monkeypatch):
   e = ctx.index("reacher")
   env = registry.make("reacher", max_episode_steps=3)
   n, T = 3, 6
-  pool = make_reset_pool(env, ctx, e, jax.random.key(1), 8)
-  mask_table = jnp.asarray(ctx.vocab.mask_table)
-  graphdef, state = nnx.split(model)
-  outs = []
-  for fold in (True, False):
-    collect = make_collector(ctx, e, env, T, greedy=False, fold_lora=fold)
-    f = jax.jit(lambda st, pool, key, mt, collect=collect: collect(nnx.merge(graphdef, st), pool, n, key, mt))
-    outs.append(f(state, pool, jax.random.key(2), mask_table))
-    assert len(folds) == (1 if fold else 0)  # folded once per traced call, iff asked
+
+  def folded_iff_asked(kw):  # once per traced call
+    assert len(folds) == (1 if kw["fold_lora"] else 0)
     folds.clear()
-  (a, boot_a), (b, boot_b) = outs
-  np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
-  np.testing.assert_allclose(np.asarray(a.logp), np.asarray(b.logp), atol=1e-4)
-  np.testing.assert_allclose(np.asarray(a.value), np.asarray(b.value), atol=1e-4)
-  np.testing.assert_allclose(np.asarray(boot_a), np.asarray(boot_b), atol=1e-4)
+  (a, boot_a), (b, boot_b) = _collect_variants(ctx, model, e, env, T, n, dict(fold_lora=True), dict(fold_lora=False),
+                                               on_call=folded_iff_asked)
+  _assert_same_rollout(a, boot_a, b, boot_b, atol=1e-4)
 
 
 def test_continued_episodes_equal_one_longer_rollout(assets):
