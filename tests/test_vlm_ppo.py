@@ -439,7 +439,12 @@ def test_value_warmup_iterations_train_only_the_value_head(assets):
   wrt, _ = ppo.prepare_model(model, config)
   learner = ppo.VlmPPO(config.ppo, ctx, model, wrt, ["grid_goto"], seed=0)
   before = _flat(model)
-  assert np.isfinite(learner.iteration(0)["loss"])
+  m0 = learner.iteration(0)
+  assert np.isfinite(m0["loss"])
+  # the policy is the SFT policy throughout the warm-up: its entropy on the batch is the reference's
+  assert learner.p.kl_coef > 0 and m0["grid_goto/entropy"] > 0
+  np.testing.assert_allclose(m0["grid_goto/entropy"], m0["grid_goto/ref_entropy"], rtol=1e-5)
+  np.testing.assert_allclose(m0["ref_entropy"], m0["grid_goto/ref_entropy"], rtol=1e-6)
   warm = _flat(learner.sync())
   changed = {k for k in before if not np.array_equal(before[k], warm[k])}
   assert changed and all("value_head" in k for k in changed), sorted(changed)

@@ -400,10 +400,14 @@ class VlmPPO:
     cand = candidate_ids(self.ctx.vocab.mask_table)  # logits over the action ids only (see action_scores)
     temp = float(p.temperature)  # the collector's sampling temperature: score the policy that drew the actions
     trunk_grad = float(p.get("value_trunk_grad", 1.0))
+    ref_metrics = {}
     if kl_coef > 0:
-      ref_logp, _, _, _ = action_scores(nnx.merge(graphdef, ref_params, rest), L, data, mask_table, candidate_ids=cand,
-                                        temperature=temp)
+      ref_logp, ref_ent, _, _ = action_scores(nnx.merge(graphdef, ref_params, rest), L, data, mask_table,
+                                              candidate_ids=cand, temperature=temp)
       data["ref_logp"] = jnp.sum(ref_logp * data["token_valid"], 1)
+      # the SFT policy's entropy on the same states: the reference for the trained policy's "entropy"
+      ref_metrics = self._per_embodiment("ref_entropy", jnp.sum(ref_ent * data["token_valid"], 1),
+                                         data["embodiment_id"])
 
     def loss_fn(params, mb, _key):
       mb = jax.tree.map(self._on_batch, mb)
@@ -418,6 +422,7 @@ class VlmPPO:
                           entropy_coef=float(p.entropy_coef), normalize_advantage=False)
       del total  # recombined below: the value warm-up weighs every term but the value loss by policy_weight
       policy_terms = m["policy_loss"] - float(p.entropy_coef) * m["entropy"]
+      m.update(self._per_embodiment("entropy", entropy, mb["embodiment_id"]))
       if kl_coef > 0:
         d = mb["ref_logp"] - logp
         kl = jnp.mean(jnp.exp(d) - d - 1.0)  # k3 estimator of KL(pi || ref), >= 0
@@ -433,7 +438,18 @@ class VlmPPO:
 
     params, opt_state, metrics = sgd_epochs(loss_fn, self.tx, params, opt_state, data, key,
                                             num_epochs=int(p.num_epochs), num_minibatches=int(p.num_minibatches))
+    metrics.update(ref_metrics)
     return params, opt_state, metrics
+
+  def _per_embodiment(self, label: str, x, embodiment_id) -> dict:
+    """{"<embodiment>/<label>": mean of ``x`` [b] over the rows of that embodiment} (0 for a body with no row)."""
+    out = {}
+    for name, e in zip(self.names, self.ids):
+      mask = (embodiment_id == e).astype(x.dtype)
+      out[f"{name}/{label}"] = jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    if label != "entropy":
+      out[label] = jnp.mean(x)
+    return out
 
   def collect(self, it: int):
     """Iteration ``it``'s rollouts of every embodiment: (trajectories [T, N, ...], bootstrap values, host stats)."""
