@@ -437,21 +437,26 @@ def test_value_warmup_iterations_train_only_the_value_head(assets):
   config.ppo.train_mode = "lora"
   config.ppo.value_warmup_iterations = 1
   wrt, _ = ppo.prepare_model(model, config)
-  learner = ppo.VlmPPO(config.ppo, ctx, model, wrt, ["grid_goto"], seed=0)
+  learner = ppo.VlmPPO(config.ppo, ctx, model, wrt, EMBODIMENTS, seed=0)
   before = _flat(model)
   m0 = learner.iteration(0)
   assert np.isfinite(m0["loss"])
-  # the policy is the SFT policy throughout the warm-up: its entropy on the batch is the reference's
-  assert learner.p.kl_coef > 0 and m0["grid_goto/entropy"] > 0
-  np.testing.assert_allclose(m0["grid_goto/entropy"], m0["grid_goto/ref_entropy"], rtol=1e-5)
-  np.testing.assert_allclose(m0["ref_entropy"], m0["grid_goto/ref_entropy"], rtol=1e-6)
+  # the policy is the SFT policy throughout the warm-up: its entropy on each body's rows is the reference's
+  assert learner.p.kl_coef > 0
+  for name in EMBODIMENTS:
+    assert m0[f"{name}/entropy"] > 0
+    np.testing.assert_allclose(m0[f"{name}/entropy"], m0[f"{name}/ref_entropy"], rtol=1e-5)
+  np.testing.assert_allclose(m0["ref_entropy"], np.mean([m0[f"{n}/ref_entropy"] for n in EMBODIMENTS]), rtol=1e-5)
+  assert m0["reacher/ref_entropy"] != m0["grid_goto/ref_entropy"]
   warm = _flat(learner.sync())
   changed = {k for k in before if not np.array_equal(before[k], warm[k])}
   assert changed and all("value_head" in k for k in changed), sorted(changed)
-  learner.iteration(1)
+  m1 = learner.iteration(1)
   after = _flat(learner.sync())
   changed = {k for k in warm if not np.array_equal(warm[k], after[k])}
   assert any("lora_b" in k for k in changed) and any("value_head" in k for k in changed)
+  assert m1["kl_to_sft"] > 0  # the policy moved: the KL to SFT is split over the bodies' rows
+  np.testing.assert_allclose(m1["kl_to_sft"], np.mean([m1[f"{n}/kl_to_sft"] for n in EMBODIMENTS]), rtol=1e-4)
 
 
 @pytest.mark.parametrize("sft_coef", [0.0, 0.5])

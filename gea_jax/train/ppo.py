@@ -406,8 +406,9 @@ class VlmPPO:
                                               candidate_ids=cand, temperature=temp)
       data["ref_logp"] = jnp.sum(ref_logp * data["token_valid"], 1)
       # the SFT policy's entropy on the same states: the reference for the trained policy's "entropy"
-      ref_metrics = self._per_embodiment("ref_entropy", jnp.sum(ref_ent * data["token_valid"], 1),
-                                         data["embodiment_id"])
+      ref_entropy = jnp.sum(ref_ent * data["token_valid"], 1)
+      ref_metrics = dict(ref_entropy=jnp.mean(ref_entropy),
+                         **self._per_embodiment("ref_entropy", ref_entropy, data["embodiment_id"]))
 
     def loss_fn(params, mb, _key):
       mb = jax.tree.map(self._on_batch, mb)
@@ -425,9 +426,10 @@ class VlmPPO:
       m.update(self._per_embodiment("entropy", entropy, mb["embodiment_id"]))
       if kl_coef > 0:
         d = mb["ref_logp"] - logp
-        kl = jnp.mean(jnp.exp(d) - d - 1.0)  # k3 estimator of KL(pi || ref), >= 0
+        kl_rows = jnp.exp(d) - d - 1.0  # k3 estimator of KL(pi || ref), >= 0
+        kl = jnp.mean(kl_rows)
         policy_terms = policy_terms + kl_coef * kl
-        m.update(kl_to_sft=kl)
+        m.update(kl_to_sft=kl, **self._per_embodiment("kl_to_sft", kl_rows, mb["embodiment_id"]))
       if sft_batch is not None:
         sl, _ = sft_loss(model, L, sft_batch, mask_table, candidate_ids=cand)
         policy_terms = policy_terms + float(p.sft_coef) * sl
@@ -442,13 +444,15 @@ class VlmPPO:
     return params, opt_state, metrics
 
   def _per_embodiment(self, label: str, x, embodiment_id) -> dict:
-    """{"<embodiment>/<label>": mean of ``x`` [b] over the rows of that embodiment} (0 for a body with no row)."""
+    """{"<embodiment>/<label>": sum of ``x`` [b] over that embodiment's rows / (b / embodiments)}.
+
+    Every embodiment has the same share of the batch, so this is the mean over its rows on the whole batch, and on
+    minibatches of it its average over an epoch's minibatches is (as `sgd_epochs` reports metrics) that mean.
+    """
     out = {}
+    share = x.shape[0] / len(self.names)
     for name, e in zip(self.names, self.ids):
-      mask = (embodiment_id == e).astype(x.dtype)
-      out[f"{name}/{label}"] = jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-    if label != "entropy":
-      out[label] = jnp.mean(x)
+      out[f"{name}/{label}"] = jnp.sum(jnp.where(embodiment_id == e, x, 0.0)) / share
     return out
 
   def collect(self, it: int):
