@@ -18,6 +18,10 @@ embedding table; GEA), "lora_value" (LoRA + value head only), "frozen" (LLM froz
 vision/projector/state/value; LLaRP) or "full". After the warm-up the value loss's gradient reaches the shared trunk
 scaled by ``ppo.value_trunk_grad`` (1: fully; 0: the value head learns on the policy's features alone).
 The collector and the update are each one jitted call over the split (trainable, frozen) model state.
+Besides the loss terms, an update reports per embodiment ``<name>/entropy`` (the trained policy's, summed over the
+action's tokens, on its rows of the batch), ``<name>/kl_to_sft`` and, with the KL penalty on, ``<name>/ref_entropy``
+(the frozen SFT policy's entropy on the same rows: what the trained policy's is to be compared with, since continued
+episodes change the states a batch holds over a run).
 
 Sharding: the run lives on the config's mesh (``mesh.shape``, ``sharding.rules``; ``train(..., mesh=)`` overrides
 it), like SFT's. The model's variables (trainable and frozen), the frozen reference policy and the optimizer
