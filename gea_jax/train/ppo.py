@@ -235,9 +235,7 @@ def validate_mesh(config, mesh: Mesh | None = None, embodiments: Sequence[str] |
   else:
     shape_of = dict(mesh.shape)
 
-  k, axes = mesh_shards("envs", rules, shape_of)
-  cv.require(int(p.num_envs) % k == 0, "ppo.num_envs",
-             f"must be divisible by the {axes} mesh size {k} (each embodiment's envs are split over it)", p.num_envs)
+  check_envs_split(int(p.num_envs), rules, shape_of)
   k, axes = mesh_shards("batch", rules, shape_of)
   n = len(embodiments or embodiment_names(config)) * int(p.num_envs) * int(p.unroll_length)
   mb = n // max(int(p.num_minibatches), 1)
@@ -247,6 +245,13 @@ def validate_mesh(config, mesh: Mesh | None = None, embodiments: Sequence[str] |
   if float(p.get("sft_coef", 0.0)) > 0:
     cv.require(int(p.sft_batch_size) % k == 0, "ppo.sft_batch_size",
                f"must be divisible by the {axes} mesh size {k}", p.sft_batch_size)
+
+
+def check_envs_split(num_envs: int, rules, shape_of: dict[str, int]) -> None:
+  """A ConfigError naming ``ppo.num_envs`` unless it splits evenly over the "envs" rule's mesh axes."""
+  k, axes = mesh_shards("envs", rules, shape_of)
+  cv.require(num_envs % k == 0, "ppo.num_envs",
+             f"must be divisible by the {axes} mesh size {k} (each embodiment's envs are split over it)", num_envs)
 
 
 def embodiment_names(config) -> list[str]:
@@ -315,10 +320,7 @@ class VlmPPO:
     self.envs = make_envs(p, self.names)
     n, T = int(p.num_envs), int(p.unroll_length)
     env_axes = sharding.logical_to_spec(("envs",), self.rules)[0]
-    env_shards, label = mesh_shards("envs", self.rules, dict(self.mesh.shape))
-    if n % env_shards:
-      raise cv.ConfigError(f"ppo.num_envs: must be divisible by the {label} mesh size {env_shards} (each "
-                           f"embodiment's envs are split over it), got {n}")
+    check_envs_split(n, self.rules, dict(self.mesh.shape))
     self.replicated = NamedSharding(self.mesh, PartitionSpec())
     self.pool_sharding = NamedSharding(self.mesh, PartitionSpec(env_axes))            # [P, ...]
     self.traj_sharding = NamedSharding(self.mesh, PartitionSpec(None, env_axes))      # [T, N, ...]
