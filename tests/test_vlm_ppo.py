@@ -448,6 +448,8 @@ def test_value_warmup_iterations_train_only_the_value_head(assets):
     np.testing.assert_allclose(m0[f"{name}/entropy"], m0[f"{name}/ref_entropy"], rtol=1e-5)
   np.testing.assert_allclose(m0["ref_entropy"], np.mean([m0[f"{n}/ref_entropy"] for n in EMBODIMENTS]), rtol=1e-5)
   assert m0["reacher/ref_entropy"] != m0["grid_goto/ref_entropy"]
+  # ... and the update re-scores the collected sequences (built from the trajectories) as the collector scored them
+  assert m0["approx_kl"] < 1e-8 and m0["clip_fraction"] == 0, (m0["approx_kl"], m0["clip_fraction"])
   warm = _flat(learner.sync())
   changed = {k for k in before if not np.array_equal(before[k], warm[k])}
   assert changed and all("value_head" in k for k in changed), sorted(changed)

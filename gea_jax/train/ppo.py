@@ -16,7 +16,7 @@ iterations train the value head alone (its gradient stopped at the trunk, every 
 ``ppo.train_mode`` (or ``model.train_mode`` when empty): "lora" (LoRA + value head + non-LLM parts + the
 embedding table; GEA), "lora_value" (LoRA + value head only), "frozen" (LLM frozen, adapters =
 vision/projector/state/value; LLaRP) or "full". After the warm-up the value loss's gradient reaches the shared trunk
-scaled by ``ppo.value_trunk_grad`` (1: fully; 0: the value head learns on the policy's features alone).
+scaled by ``ppo.value_trunk_grad`` (1: fully; 0, the default: the value head learns on the policy's features alone).
 The collector and the update are each one jitted call over the split (trainable, frozen) model state.
 Besides the loss terms, an update reports per embodiment ``<name>/entropy`` (the trained policy's, summed over the
 action's tokens, on its rows of the batch), ``<name>/kl_to_sft`` and, with the KL penalty on, ``<name>/ref_entropy``
