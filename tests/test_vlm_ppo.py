@@ -648,3 +648,34 @@ def test_flat_reward_batches_give_no_policy_signal():
   one = flat.at[2, 1].set(1.0)
   adv_one, _ = ppo.embodiment_advantages(p, one, value, boot, term, trunc)
   assert np.isclose(float(jnp.std(adv_one)), 1.0, atol=1e-3) and float(adv_one[2, 1]) > 1.0
+
+
+def test_time_limit_cut_or_terminal():
+  """An episode that hits its time limit without reward: "cut" gives its last step no TD error (the chain stops
+  there, no signal); "terminal" ends it with no further reward, so its last steps get the hand-computed negative
+  advantages; the other env's steps (no time limit) are the same under both."""
+  p = ppo.ppo_defaults()
+  p.normalize_advantage, p.skip_flat_reward = False, False
+  g, lam = float(p.discount), float(p.gae_lambda)
+  value = jnp.asarray([[0.5, 0.2], [0.5, 0.3], [0.5, 0.4]], jnp.float32)  # [T=3, N=2]
+  boot = jnp.asarray([0.9, 0.6], jnp.float32)  # env 0: a new episode's first value after the reset
+  reward = jnp.zeros((3, 2), jnp.float32)
+  term = jnp.zeros((3, 2), bool)
+  trunc = term.at[2, 0].set(True)  # env 0 hits its time limit at the last step
+  p.time_limit = "cut"
+  cut, _ = ppo.embodiment_advantages(p, reward, value, boot, term, trunc)
+  p.time_limit = "terminal"
+  end, target = ppo.embodiment_advantages(p, reward, value, boot, term, trunc)
+  d1 = g * 0.5 - 0.5  # TD error of steps 0 and 1 of env 0
+  np.testing.assert_allclose(np.asarray(cut[:, 0]), [d1 + g * lam * d1, d1, 0.0], atol=1e-6)
+  a2 = -0.5  # nothing after the time limit
+  a1 = d1 + g * lam * a2
+  np.testing.assert_allclose(np.asarray(end[:, 0]), [d1 + g * lam * a1, a1, a2], atol=1e-6)
+  np.testing.assert_allclose(np.asarray(target[:, 0]), np.asarray(end[:, 0]) + 0.5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(end[:, 1]), np.asarray(cut[:, 1]), atol=1e-7)
+  from gea_jax.config_validation import ConfigError
+  c = _config()
+  c.sft.tokenizer_artifact, c.data.data_dir = "artifact", "data"
+  c.ppo.time_limit = "bootstrap"
+  with pytest.raises(ConfigError, match="ppo.time_limit: must be one of"):
+    ppo.validate(c)

@@ -108,6 +108,10 @@ def ppo_defaults() -> ml_collections.ConfigDict:
   # bodies): r + coef * (discount * phi(s') - phi(s)), phi = minus the actions left to the target
   # (gea_jax.rl.shaping; the optimal policies are unchanged, a sparse-reward body gets a signal on every step)
   c.shaping = ""
+  # how GAE treats an episode that hit its time limit: "cut" (no TD error at that step, the advantage chain stops: it
+  # carries no signal) or "terminal" (it ended with no further reward, as the evaluation scores it: an episode that
+  # never reached its goal, e.g. a grid agent stuck walking into an object, gets a negative signal at its end)
+  c.time_limit = "cut"
   c.normalize_advantage = True  # per embodiment over its whole batch (reward scales differ across bodies)
   # an embodiment whose batch holds one reward value only (a sparse-reward body with no success this iteration) gets
   # zero advantages: its GAE estimates are then value-function error alone, which normalization would blow up to
@@ -142,6 +146,8 @@ def embodiment_advantages(p, reward, value, bootstrap, termination, truncation):
   With ``p.skip_flat_reward`` a batch whose rewards are all equal gets zero advantages (no policy signal; the
   value targets are kept, so the value head still learns).
   """
+  if str(p.get("time_limit", "cut")) == "terminal":  # the time limit ends the task: no future reward after it
+    termination, truncation = termination | truncation, jnp.zeros_like(truncation)
   adv, target = compute_gae(reward * float(p.reward_scaling), value, bootstrap, termination, truncation,
                             float(p.discount), float(p.gae_lambda))
   if bool(p.normalize_advantage):
@@ -200,6 +206,8 @@ def validate(config) -> None:
   cv.positive(config, f"{p}.clip_eps")
   cv.one_of(config, f"{p}.train_mode", ("", "lora", "lora_value", "frozen", "full"))
   cv.one_of(config, f"{p}.task_split", ("train", "heldout_seed", "heldout_combo"))
+  if "time_limit" in config.ppo:
+    cv.one_of(config, f"{p}.time_limit", ("cut", "terminal"))
   cv.require(int(config.model.value_hidden_dim) > 0, "model.value_hidden_dim", "must be > 0 (PPO needs the value head)",
              config.model.value_hidden_dim)
   cv.require(bool(config.sft.tokenizer_artifact), "sft.tokenizer_artifact",
