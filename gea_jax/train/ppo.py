@@ -6,7 +6,8 @@ start from), or ``train(config, workdir, model, ctx, embodiments)`` after SFT in
 One iteration: for every embodiment, ``ppo.num_envs`` envs run ``ppo.unroll_length`` steps
 (`gea_jax.agent.rollout`: the prompt is built on device, the action tokens are sampled one by one with the
 KV cache and constrained to the embodiment's ids; the action's log-prob is the sum over its tokens, the value
-head reads the prompt's last hidden state; episodes auto-reset). GAE per embodiment (`gea_jax.rl.gae`), with
+head reads the prompt's last hidden state; episodes auto-reset). GAE per embodiment (`gea_jax.rl.gae`; an episode
+that hit its time limit is cut there, or with ``ppo.time_limit = "terminal"`` ends with no further reward), with
 advantages normalized per embodiment, then ``ppo.num_epochs`` epochs of minibatches
 (`gea_jax.rl.ppo.sgd_epochs`) whose loss re-scores the stored full sequences (prompt + sampled ids) in one
 teacher-forced pass (`action_scores`): clipped surrogate, value loss (clipped if ``ppo.value_clip_eps``),
