@@ -140,12 +140,15 @@ def _jitted_env_fns(env, split: str):
 
 def evaluate_embodiment(model, ctx: AgentContext, name: str, *, num_episodes: int, split: str, seed: int,
                         greedy: bool = True, perturb: tuple[int, int] | None = None,
-                        text_prefix: bool = True) -> dict[str, Any]:
+                        text_prefix: bool = True, on_step=None) -> dict[str, Any]:
   """Runs ``num_episodes`` episodes in parallel; returns success_rate, mean_return, mean_length.
 
   perturb=(start, length): replace the policy's actions by uniformly random ones for ``length`` steps
   from step ``start`` (the recovery test of GEA's online-RL lesson).
   text_prefix: cache the text part of the prompt once (default); False runs the whole prompt every step.
+  on_step(t, states, action, live): called at every step with the env states the action was chosen in, the executed
+  action and the bool [num_episodes] mask of episodes still running (for diagnostics, e.g.
+  experiments/grid_failures.py).
   """
   from gea_jax.envs import registry
   env = registry.make(name)
@@ -173,6 +176,8 @@ def evaluate_embodiment(model, ctx: AgentContext, name: str, *, num_episodes: in
                                       prefix)
     if perturb is not None and perturb[0] <= t < perturb[0] + perturb[1]:
       action = _random_actions(spec, jax.random.fold_in(k, 7), num_episodes)
+    if on_step is not None:
+      on_step(t, states, action, ~done)
     states = env_step(states, action)
     r, d, s = (np.asarray(x) for x in jax.device_get((states.reward, states.done, states.success)))
     live = ~done

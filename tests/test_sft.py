@@ -215,6 +215,12 @@ def test_evaluation_is_deterministic(assets):
           for _ in range(2)]
   assert runs[0] == runs[1]
   assert 0.0 <= runs[0]["success_rate"] <= 1.0 and runs[0]["mean_length"] > 0
+  seen = []  # the per-step hook sees every live step and the actions that were executed (same run: same result)
+  hooked = evaluate_embodiment(model, ctx, "grid_goto", num_episodes=4, split="heldout_seed", seed=3, greedy=False,
+                               on_step=lambda t, states, action, live: seen.append((t, np.asarray(action), live.copy())))
+  assert hooked == runs[0]
+  assert [t for t, _, _ in seen] == list(range(len(seen))) and all(len(a) == 4 for _, a, _ in seen)
+  assert sum(int(live.sum()) for _, _, live in seen) == round(4 * runs[0]["mean_length"])
 
 
 def test_tiny_sft_lowers_the_loss_and_writes_the_report(assets, tmp_path):

@@ -1,0 +1,136 @@
+"""Where a grid agent fails: its closed-loop actions classified by what it faces and by the shortest plan.
+
+    python experiments/grid_failures.py --workdir=workdirs/sft_vs_ppo [--config=configs/default.py] \\
+        [--embodiment=grid_goto_ego] [--episodes=128] [--split=heldout_seed] [--ppo] [--config.ppo.X=...]
+
+Loads the SFT agent of a pipeline workdir (`WORKDIR/sft`, with `WORKDIR/data` and `WORKDIR/rvq/artifact`) or, with
+``--ppo``, the finished PPO run in `WORKDIR/ppo` (give its ppo settings as it ran, e.g. ``--config.ppo.iterations=120
+--config.ppo.num_envs=64``: its last checkpoint must be ``ppo.iterations``, so nothing trains here), and runs
+``--episodes`` episodes of a go-to / pick-up grid body as the evaluation does (`gea_jax.eval.evaluate_embodiment`,
+decoding per ``eval.decoding``). Every step the agent takes is classified by the cell in front of it (floor, wall,
+object, door) and by whether its action is a step of a shortest plan (the body's shaping potential, minus the
+actions left to face the target, rises by one, or the step succeeds), separately for the episodes that succeed and
+those that fail. Sessions 9 and 14 found the grid's failures to be one loop: facing an object it cannot walk into,
+the agent keeps choosing "forward". Prints a table and, as the last line, a JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Agent config (configs/*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "The pipeline (or sft_vs_ppo) workdir holding the agent.")
+_EMBODIMENT = flags.DEFINE_string("embodiment", "", "A go-to / pick-up grid body (\"\" = the config's first grid body).")
+_EPISODES = flags.DEFINE_integer("episodes", 128, "Episodes, run in parallel.")
+_SPLIT = flags.DEFINE_string("split", "heldout_seed", "Task split: train, heldout_seed or heldout_combo.")
+_PPO = flags.DEFINE_bool("ppo", False, "Probe the finished PPO run in WORKDIR/ppo instead of the SFT agent.")
+
+FRONT = ("floor", "wall", "object", "door")
+MOVES = ("forward", "right", "left")
+
+
+def front_kind(states):
+  """int [n]: what each agent faces, an index into FRONT."""
+  import numpy as np
+  from xminigrid.core.constants import Tiles
+
+  from gea_jax.envs.grid_paths import DIRECTIONS
+  grid = np.asarray(states.inner["grid"])
+  pos, facing = np.asarray(states.inner["agent"].position), np.asarray(states.inner["agent"].direction)
+  front = pos + DIRECTIONS[facing]
+  tile = grid[np.arange(len(grid)), front[:, 0], front[:, 1], 0]
+  door = np.isin(tile, [Tiles.DOOR_LOCKED, Tiles.DOOR_CLOSED, Tiles.DOOR_OPEN])
+  return np.select([tile == Tiles.FLOOR, tile == Tiles.WALL, door], [0, 1, 3], default=2)
+
+
+def main(argv):
+  del argv
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from gea_jax.agent.context import load_context
+  from gea_jax.envs import registry
+  from gea_jax.eval import evaluate_embodiment, is_greedy
+  from gea_jax.rl.shaping import has_potential
+  from gea_jax.train import ppo as ppo_lib
+  from gea_jax.train.pipeline import eval_decoding
+
+  config, wd = _CONFIG.value, os.path.abspath(_WORKDIR.value)
+  config.data.data_dir = config.data.data_dir or os.path.join(wd, "data")
+  config.sft.tokenizer_artifact = config.sft.tokenizer_artifact or os.path.join(wd, "rvq", "artifact")
+  names = [e for e in str(config.data.embodiments).split(",") if e]
+  name = _EMBODIMENT.value or next((n for n in names if n.startswith("grid")), "")
+  if name not in names:
+    raise app.UsageError(f"--embodiment={name!r} is not one of the config's data.embodiments {names}")
+  env = registry.make(name)
+  if not has_potential(env):
+    raise app.UsageError(f"--embodiment={name}: no shaping potential to judge its steps by (go-to / pick-up grid "
+                         "bodies have one)")
+  ctx = load_context(config, config.sft.tokenizer_artifact, config.data.data_dir, names)
+  model = ppo_lib.load_sft_model(config, wd, ctx)
+  stage = "sft"
+  if _PPO.value:
+    ckpts = os.path.join(wd, "ppo", "checkpoints")
+    steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()) if os.path.isdir(ckpts) else []
+    if not steps or steps[-1] != int(config.ppo.iterations):
+      raise app.UsageError(f"--ppo: the last checkpoint in {ckpts} is {steps[-1] if steps else None}, but "
+                           f"ppo.iterations={config.ppo.iterations}: pass --config.ppo.iterations (and the run's other "
+                           "ppo settings) as the run had them, so that nothing trains here")
+    model = ppo_lib.train(config, wd, model, ctx, ppo_lib.embodiment_names(config), data_dir=config.data.data_dir).model
+    stage = f"sft+ppo ({steps[-1]} iterations)"
+
+  potential = jax.jit(jax.vmap(env.shaping_potential))
+  step = jax.jit(jax.vmap(env.step))
+  n = int(_EPISODES.value)
+  steps_log = []  # per step: (live [n], action [n], front [n], on a shortest plan [n], succeeded here [n])
+
+  def on_step(t, states, action, live):
+    before = np.asarray(potential(states))
+    act = np.asarray(action).reshape(n)
+    shortest = np.zeros(n, bool)
+    for a in range(len(MOVES)):
+      nxt = step(states, jnp.full((n,), a, jnp.int32))
+      ok = (np.asarray(potential(nxt)) == before + 1) | np.asarray(nxt.success)
+      shortest |= (act == a) & ok
+    success = np.asarray(step(states, action).success)
+    steps_log.append((live, act, front_kind(states), shortest, live & success))
+
+  result = evaluate_embodiment(model, ctx, name, num_episodes=n, split=_SPLIT.value, seed=int(config.seed) + 1000,
+                               greedy=is_greedy(eval_decoding(config), env.spec), on_step=on_step)
+  live = np.stack([s[0] for s in steps_log])          # [T, n]
+  act = np.stack([s[1] for s in steps_log])
+  front = np.stack([s[2] for s in steps_log])
+  shortest = np.stack([s[3] for s in steps_log])
+  succeeded = np.stack([s[4] for s in steps_log]).any(0)
+  if abs(succeeded.mean() - result["success_rate"]) > 1e-9:
+    raise RuntimeError(f"the steps' outcomes ({succeeded.mean()}) differ from the evaluation's ({result})")
+  rows = {}
+  for outcome, mask in (("succeeded", succeeded), ("failed", ~succeeded)):
+    sel = live & mask[None]
+    row = {"episodes": int(mask.sum()), "steps": int(sel.sum()),
+           "shortest_plan_share": round(float(shortest[sel].mean()), 3) if sel.any() else None}
+    for k, kind in enumerate(FRONT):
+      here = sel & (front == k)
+      row[f"facing_{kind}"] = {"steps": int(here.sum()),
+                               **{f"p_{m}": round(float((act[here] == i).mean()), 3) if here.any() else None
+                                  for i, m in enumerate(MOVES)}}
+    rows[outcome] = row
+  print(f"{name} ({_SPLIT.value}), {stage}: success {result['success_rate']:.1%} of {n} episodes")
+  print("| episodes | facing | steps | P(forward) | P(right) | P(left) |")
+  print("|---|---|---|---|---|---|")
+  for outcome, row in rows.items():
+    for kind in FRONT:
+      f = row[f"facing_{kind}"]
+      if f["steps"]:
+        print(f"| {outcome} | {kind} | {f['steps']} | {f['p_forward']:.2f} | {f['p_right']:.2f} | {f['p_left']:.2f} |")
+  print(json.dumps({"workdir": wd, "embodiment": name, "split": _SPLIT.value, "stage": stage,
+                    "success_rate": result["success_rate"], **rows}))
+
+
+if __name__ == "__main__":
+  app.run(main)
