@@ -215,12 +215,28 @@ def test_evaluation_is_deterministic(assets):
           for _ in range(2)]
   assert runs[0] == runs[1]
   assert 0.0 <= runs[0]["success_rate"] <= 1.0 and runs[0]["mean_length"] > 0
-  seen = []  # the per-step hook sees every live step and the actions that were executed (same run: same result)
-  hooked = evaluate_embodiment(model, ctx, "grid_goto", num_episodes=4, split="heldout_seed", seed=3, greedy=False,
-                               on_step=lambda t, states, action, live: seen.append((t, np.asarray(action), live.copy())))
+  # the per-step hook sees each step's states before the action, the executed action and the live mask; the run's
+  # result is unchanged, and replaying the recorded actions from the same resets reproduces its successes
+  seen = []
+  hooked = evaluate_embodiment(
+      model, ctx, "grid_goto", num_episodes=4, split="heldout_seed", seed=3, greedy=False,
+      on_step=lambda t, states, action, live: seen.append((t, np.asarray(states.step), np.asarray(action), live.copy(),
+                                                           np.asarray(states.inner["agent"].position))))
   assert hooked == runs[0]
-  assert [t for t, _, _ in seen] == list(range(len(seen))) and all(len(a) == 4 for _, a, _ in seen)
-  assert sum(int(live.sum()) for _, _, live in seen) == round(4 * runs[0]["mean_length"])
+  assert [t for t, *_ in seen] == list(range(len(seen)))
+  assert all((steps[live] == t).all() for t, steps, _, live, _ in seen)
+  assert sum(int(live.sum()) for _, _, _, live, _ in seen) == round(4 * runs[0]["mean_length"])
+  from gea_jax.envs import registry
+  from gea_jax.eval import _jitted_env_fns
+  reset, step = _jitted_env_fns(registry.make("grid_goto"), "heldout_seed")
+  states = reset(jax.random.split(jax.random.fold_in(jax.random.key(3), 0), 4))
+  success, moved = np.zeros(4, bool), 0
+  for _, _, action, live, position in seen:  # each step starts where the recorded actions lead
+    np.testing.assert_array_equal(np.asarray(states.inner["agent"].position)[live], position[live])
+    states = step(states, jnp.asarray(action))
+    moved += int((np.asarray(states.inner["agent"].position) != position).any(-1)[live].sum())
+    success |= live & np.asarray(states.success)
+  assert moved > 0 and success.mean() == runs[0]["success_rate"]
 
 
 def test_tiny_sft_lowers_the_loss_and_writes_the_report(assets, tmp_path):
