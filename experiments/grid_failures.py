@@ -1,11 +1,11 @@
 """Where a grid agent fails: its closed-loop actions classified by what it faces and by the shortest plan.
 
     python experiments/grid_failures.py --workdir=workdirs/sft_vs_ppo [--config=configs/default.py] \\
-        [--embodiment=grid_goto_ego] [--episodes=128] [--split=heldout_seed] [--ppo] [--config.ppo.X=...]
+        [--embodiment=grid_goto_ego] [--episodes=128] [--split=heldout_seed] [--ppo]
 
 Loads the SFT agent of a pipeline workdir (`WORKDIR/sft`, with `WORKDIR/data` and `WORKDIR/rvq/artifact`) or, with
-``--ppo``, the finished PPO run in `WORKDIR/ppo` (give its ppo settings as it ran, e.g. ``--config.ppo.iterations=120
---config.ppo.num_envs=64``: its last checkpoint must be ``ppo.iterations``, so nothing trains here), and runs
+``--ppo``, the finished PPO run in `WORKDIR/ppo` (with the ppo settings it ran with, read from its last checkpoint;
+it must have reached its ``ppo.iterations``, so nothing trains here), and runs
 ``--episodes`` episodes of a go-to / pick-up grid body as the evaluation does (`gea_jax.eval.evaluate_embodiment`,
 decoding per ``eval.decoding``). Every step the agent takes is classified by the cell in front of it (floor, wall,
 object, door) and by whether its action is a step of a shortest plan (the body's shaping potential, minus the
@@ -33,18 +33,32 @@ FRONT = ("floor", "wall", "object", "door")
 MOVES = ("forward", "right", "left")
 
 
-def front_kind(states):
-  """int [n]: what each agent faces, an index into FRONT."""
+def front_kind(front_tile):
+  """int [n] from the tiles the agents face (`GridTask.front_tile`): an index into FRONT."""
   import numpy as np
   from xminigrid.core.constants import Tiles
-
-  from gea_jax.envs.grid_paths import DIRECTIONS
-  grid = np.asarray(states.inner["grid"])
-  pos, facing = np.asarray(states.inner["agent"].position), np.asarray(states.inner["agent"].direction)
-  front = pos + DIRECTIONS[facing]
-  tile = grid[np.arange(len(grid)), front[:, 0], front[:, 1], 0]
+  tile = np.asarray(front_tile)
   door = np.isin(tile, [Tiles.DOOR_LOCKED, Tiles.DOOR_CLOSED, Tiles.DOOR_OPEN])
   return np.select([tile == Tiles.FLOOR, tile == Tiles.WALL, door], [0, 1, 3], default=2)
+
+
+def ppo_section(ppo_dir: str):
+  """The ``ppo`` config section a finished PPO run in ``ppo_dir`` ran with (read from its last checkpoint), so that
+  `ppo.train` restores it and trains no further."""
+  import ml_collections
+
+  from gea_jax.checkpoint import load_step_meta
+  ckpts = os.path.join(ppo_dir, "checkpoints")
+  steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()) if os.path.isdir(ckpts) else []
+  if not steps:
+    raise app.UsageError(f"--ppo: no PPO checkpoint in {ckpts}")
+  saved = (load_step_meta(os.path.join(ckpts, str(steps[-1]))).get("config") or {}).get("ppo")
+  if not saved:
+    raise app.UsageError(f"--ppo: {ckpts}/{steps[-1]} holds no ppo config section")
+  if steps[-1] != int(saved["iterations"]):
+    raise app.UsageError(f"--ppo: the run in {ppo_dir} stopped at iteration {steps[-1]} of its "
+                         f"ppo.iterations={saved['iterations']}: finish it first (nothing trains here)")
+  return ml_collections.ConfigDict(saved), steps[-1]
 
 
 def main(argv):
@@ -58,7 +72,7 @@ def main(argv):
   from gea_jax.eval import evaluate_embodiment, is_greedy
   from gea_jax.rl.shaping import has_potential
   from gea_jax.train import ppo as ppo_lib
-  from gea_jax.train.pipeline import eval_decoding
+  from gea_jax.train.pipeline import eval_decoding, eval_seed
 
   config, wd = _CONFIG.value, os.path.abspath(_WORKDIR.value)
   config.data.data_dir = config.data.data_dir or os.path.join(wd, "data")
@@ -75,17 +89,13 @@ def main(argv):
   model = ppo_lib.load_sft_model(config, wd, ctx)
   stage = "sft"
   if _PPO.value:
-    ckpts = os.path.join(wd, "ppo", "checkpoints")
-    steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()) if os.path.isdir(ckpts) else []
-    if not steps or steps[-1] != int(config.ppo.iterations):
-      raise app.UsageError(f"--ppo: the last checkpoint in {ckpts} is {steps[-1] if steps else None}, but "
-                           f"ppo.iterations={config.ppo.iterations}: pass --config.ppo.iterations (and the run's other "
-                           "ppo settings) as the run had them, so that nothing trains here")
+    config.ppo, iterations = ppo_section(os.path.join(wd, "ppo"))
     model = ppo_lib.train(config, wd, model, ctx, ppo_lib.embodiment_names(config), data_dir=config.data.data_dir).model
-    stage = f"sft+ppo ({steps[-1]} iterations)"
+    stage = f"sft+ppo ({iterations} iterations)"
 
   potential = jax.jit(jax.vmap(env.shaping_potential))
   step = jax.jit(jax.vmap(env.step))
+  facing = jax.jit(jax.vmap(env.front_tile))
   n = int(_EPISODES.value)
   steps_log = []  # per step: (live [n], action [n], front [n], on a shortest plan [n], succeeded here [n])
 
@@ -98,9 +108,9 @@ def main(argv):
       ok = (np.asarray(potential(nxt)) == before + 1) | np.asarray(nxt.success)
       shortest |= (act == a) & ok
     success = np.asarray(step(states, action).success)
-    steps_log.append((live, act, front_kind(states), shortest, live & success))
+    steps_log.append((live, act, front_kind(facing(states)), shortest, live & success))
 
-  result = evaluate_embodiment(model, ctx, name, num_episodes=n, split=_SPLIT.value, seed=int(config.seed) + 1000,
+  result = evaluate_embodiment(model, ctx, name, num_episodes=n, split=_SPLIT.value, seed=eval_seed(config),
                                greedy=is_greedy(eval_decoding(config), env.spec), on_step=on_step)
   live = np.stack([s[0] for s in steps_log])          # [T, n]
   act = np.stack([s[1] for s in steps_log])

@@ -212,7 +212,7 @@ def test_grid_target_point_is_the_named_objects_cell_and_minus_one_when_held():
 
 def test_grid_ego_view_turns_the_frame_so_the_agent_faces_up():
   """`grid_*_ego`: same tasks and dynamics as the top-down bodies; the frame is turned so that the cell the agent faces
-  is the one drawn above it (checked from pixels, for each facing), and `target_point` lands on the named object's
+  is the one drawn above it (checked from pixels, for each facing) and the one `front_tile` reads, and `target_point` lands on the named object's
   picture in the turned frame."""
   from xminigrid.core.constants import Tiles
   from xminigrid.types import AgentState
@@ -231,6 +231,8 @@ def test_grid_ego_view_turns_the_frame_so_the_agent_faces_up():
     agent = AgentState(position=jnp.array([3, 4]), direction=jnp.asarray(direction),
                        pocket=jnp.array([Tiles.EMPTY, 0], jnp.uint8))
     st = s.replace(inner={"grid": jnp.asarray(g), "agent": agent})
+    assert int(ego.front_tile(st)) == tile[0]  # the tile it faces, for each facing
+    assert int(ego.front_tile(st.replace(inner={"grid": jnp.asarray(grid), "agent": agent}))) == Tiles.FLOOR
     img = np.asarray(ego._obs(st.inner["grid"], agent)["image"])
     # the agent's own cell: the up-pointing triangle
     (ar, ac), = {tuple(rc // c) for rc in np.argwhere((img == 250).all(-1))}

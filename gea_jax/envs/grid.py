@@ -238,8 +238,7 @@ class GridTask(Embodiment):
     action = jnp.clip(jnp.asarray(action, jnp.int32).reshape(()), 0, len(ACTION_NAMES) - 1)
     grid, agent = state.inner["grid"], state.inner["agent"]
     new_grid, new_agent, changed = take_action(grid, agent, action)
-    front = self._front(agent)
-    front_door = jnp.isin(grid[front[0], front[1], 0], jnp.asarray([Tiles.DOOR_LOCKED, Tiles.DOOR_CLOSED]))
+    front_door = jnp.isin(self.front_tile(state), jnp.asarray([Tiles.DOOR_LOCKED, Tiles.DOOR_CLOSED]))
     new_grid = jnp.where((action == TOGGLE) & front_door, grid, new_grid)  # doors stay locked
     success = self._success(state.task, new_grid, new_agent, action, changed, agent)
     t = (state.step + 1).astype(jnp.float32)
@@ -253,6 +252,11 @@ class GridTask(Embodiment):
   @staticmethod
   def _front(agent):
     return agent.position + jnp.asarray(DIRECTIONS)[agent.direction]
+
+  def front_tile(self, state: EnvState) -> jax.Array:
+    """int: the tile id (xminigrid's ``Tiles``) of the cell the agent faces (jittable; vmap it over a batch)."""
+    front = self._front(state.inner["agent"])
+    return state.inner["grid"][front[0], front[1], 0]
 
   def target_point(self, state: EnvState) -> jax.Array:
     """Centre of the cell holding the instruction's first object (object or door; the first match in row-major

@@ -158,11 +158,16 @@ def eval_decoding(config) -> str | bool:
   return bool(config.eval.get("greedy", True))
 
 
+def eval_seed(config) -> int:
+  """The seed of the held-out evaluation's episodes (`evaluate_rows`; probes that replay them use it too)."""
+  return int(config.seed) + 1000
+
+
 def evaluate_rows(config, model, ctx, names, data_dir: str, stage: str, perturb=None) -> list[dict]:
   """Held-out closed-loop success per embodiment and split, beside the expert's on the same split."""
   from gea_jax.eval import evaluate
   rows = evaluate(model, ctx, names, num_episodes=int(config.eval.episodes), splits=tuple(config.eval.splits),
-                  seed=int(config.seed) + 1000, greedy=eval_decoding(config), perturb=perturb)
+                  seed=eval_seed(config), greedy=eval_decoding(config), perturb=perturb)
   for r in rows:
     ex = expert_success(data_dir, r["embodiment"], r["split"])
     r.update(stage=stage, expert_success_rate=ex, fraction_of_expert=(r["success_rate"] / ex) if ex else None)
