@@ -246,6 +246,28 @@ class RestoredState:
   arrays: Any | None = None  # the ``arrays`` item (e.g. PPO's running episodes), when a target was given
 
 
+def config_differences(saved: Mapping, current: Mapping, limit: int = 12) -> list[str]:
+  """"KEY: saved X, now Y" for every leaf where two configs (as `config_to_json` stores them) differ, ``model``
+  keys first, at most ``limit`` (then a count of the rest). Keys only one side has count as differences."""
+  def flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+      if isinstance(v, Mapping):
+        out.update(flat(v, f"{prefix}{k}."))
+      else:
+        out[f"{prefix}{k}"] = v
+    return out
+  a, b = flat(saved), flat(current)
+  missing = object()
+  keys = sorted((k for k in a.keys() | b.keys() if a.get(k, missing) != b.get(k, missing)),
+                key=lambda k: (not k.startswith("model."), k))
+  show = lambda v: "(absent)" if v is missing else repr(v)
+  out = [f"{k}: saved {show(a.get(k, missing))}, now {show(b.get(k, missing))}" for k in keys[:limit]]
+  if len(keys) > limit:
+    out.append(f"... and {len(keys) - limit} more")
+  return out
+
+
 def load_step_meta(step_dir: str | Path) -> dict:
   """Config, versions, small state and asset paths of one step directory, read with nothing else.
 
@@ -520,7 +542,16 @@ class Checkpointer:
             self._quarantine(bad)
       return restored
     details = "; ".join(f"step {s}: {e}" for s, e in failed)
-    raise CheckpointError(f"no checkpoint in {self.directory} could be restored ({details})")
+    hint = ""
+    try:
+      saved = load_step_meta(self.step_dir(steps[0])).get("config")
+    except CheckpointError:
+      saved = None
+    diffs = config_differences(saved, self._config) if saved and self._config else []
+    if diffs:
+      hint = (f". The newest step was saved with a config that differs from this run's at: {'; '.join(diffs)}. A "
+              "different model or layout changes the arrays: run with the saved values (e.g. --config.KEY=VALUE)")
+    raise CheckpointError(f"no checkpoint in {self.directory} could be restored ({details}){hint}")
 
   def _quarantine(self, step: int):
     src = self.step_dir(step)

@@ -197,6 +197,25 @@ def test_mismatched_target_raises_and_moves_nothing(tmp_path):
   assert not (tmp_path / "checkpoints_corrupt").exists()
 
 
+def test_mismatch_error_names_the_config_keys_that_differ(tmp_path):
+  """A run whose arrays do not fit the checkpoint (e.g. a head added since) is told which config keys changed."""
+  saved = ml_collections.ConfigDict({"model": {"grounding_head": False, "hidden": 8}, "sft": {"steps": 10}})
+  with Checkpointer(tmp_path, async_save=False, config=saved) as ck:
+    ck.save(1, params={"kernel": jnp.ones((8, 16))}, force=True)
+  now = ml_collections.ConfigDict({"model": {"grounding_head": True, "hidden": 8}, "sft": {"steps": 20}})
+  target = {"kernel": jax.ShapeDtypeStruct((8, 16), jnp.float32), "head": jax.ShapeDtypeStruct((8,), jnp.float32)}
+  with Checkpointer(tmp_path, read_only=True, config=now) as ck:
+    with pytest.raises(CheckpointError) as err:
+      ck.restore_latest(target)
+  msg = str(err.value)
+  assert "model.grounding_head: saved False, now True" in msg and "sft.steps: saved 10, now 20" in msg
+  assert msg.index("model.grounding_head") < msg.index("sft.steps") and "model.hidden" not in msg
+  with Checkpointer(tmp_path, read_only=True, config=saved) as ck:  # same config: no such hint
+    with pytest.raises(CheckpointError) as err:
+      ck.restore_latest(target)
+  assert "differs" not in str(err.value)
+
+
 def test_unreadable_directory_errors_name_the_path(tmp_path):
   with pytest.raises(CheckpointError, match=str(tmp_path / "nothing")):
     Checkpointer(tmp_path / "nothing", read_only=True)

@@ -671,7 +671,7 @@ def load_sft_model(config, sft_workdir: str, ctx: AgentContext) -> AgentModel:
   """The agent of ``config.model`` with the latest SFT checkpoint of ``sft_workdir`` (its ``sft/`` run)."""
   from gea_jax.agent.model import build_agent
   model = build_agent(config.model, ctx.layout, ctx.max_state_dim, ctx.vocab.total_vocab_size, seed=int(config.seed))
-  ck = Checkpointer(os.path.join(sft_workdir, "sft"), read_only=True)
+  ck = Checkpointer(os.path.join(sft_workdir, "sft"), read_only=True, config=config)  # config: names what differs
   restored = ck.restore_latest(abstract_like(nnx.state(model, trainable_filter(config.model))))
   if restored is None:
     raise FileNotFoundError(f"ppo.sft_workdir={sft_workdir!r}: no SFT checkpoint under {sft_workdir}/sft/checkpoints")
