@@ -461,6 +461,43 @@ def test_value_warmup_iterations_train_only_the_value_head(assets):
   np.testing.assert_allclose(m1["kl_to_sft"], np.mean([m1[f"{n}/kl_to_sft"] for n in EMBODIMENTS]), rtol=1e-4)
 
 
+def test_update_batch_rows_hold_their_own_transition_and_a_step_raises_the_surrogate(assets):
+  """The update's rows (env-major over both bodies) carry each collected transition's own action ids, old log-prob
+  and GAE advantage; one full-batch gradient step then raises sum(adv * (new - old log-prob)) on those rows
+  (a sign error in the objective, or advantages paired with other rows' actions, fails it)."""
+  from gea_jax import sharding
+  config, ctx, model = _setup(assets, "full", history=1)
+  p = config.ppo
+  p.train_mode, p.kl_coef, p.entropy_coef, p.skip_flat_reward = "lora", 0.0, 0.0, False
+  p.num_epochs, p.num_minibatches, p.lr, p.unroll_length = 1, 1, 1e-4, 3
+  wrt, _ = ppo.prepare_model(model, config)
+  learner = ppo.VlmPPO(p, ctx, model, wrt, EMBODIMENTS, seed=0)
+  trajs, boots, _ = learner.collect(0)
+  with sharding.use_mesh(learner.mesh, learner.rules):
+    data = jax.device_get(jax.jit(learner._batch)(trajs, boots))
+  n, T, E = int(p.num_envs), int(p.unroll_length), len(EMBODIMENTS)
+  slots = ctx.layout.slots()
+  for i, (traj, boot) in enumerate(zip(trajs, boots)):
+    adv, _ = ppo.embodiment_advantages(p, traj.reward, traj.value, boot, traj.termination, traj.truncation)
+    tpa = ctx.vocab.tokens_per_action(learner.ids[i])
+    for env in range(n):
+      for t in range(T):
+        r = (env * E + i) * T + t
+        assert data["embodiment_id"][r] == learner.ids[i]
+        np.testing.assert_allclose(data["old_logp"][r], traj.logp[t, env], rtol=1e-6)
+        np.testing.assert_allclose(data["adv"][r], adv[t, env], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(data["targets"][r][slots["logit_pos"]][:tpa], traj.tokens[t, env][:tpa])
+  assert np.std(data["adv"]) > 0.5
+  old = jnp.asarray(data["old_logp"])
+  learner.update(0, trajs, boots)
+  scored = {k: jnp.asarray(v) for k, v in data.items()}
+  logp_tok = action_scores(learner.sync(), ctx.layout, scored, learner.mask_table,
+                           candidate_ids=candidate_ids(ctx.vocab.mask_table))[0]
+  new = jnp.sum(logp_tok * scored["token_valid"], 1)
+  gain = float(jnp.mean(scored["adv"] * (new - old)))
+  assert gain > 0 and float(jnp.max(jnp.abs(new - old))) > 1e-5, gain
+
+
 @pytest.mark.parametrize("sft_coef", [0.0, 0.5])
 def test_lora_ppo_on_grid_goto_changes_only_lora_and_resumes_exactly(assets, tmp_path, sft_coef):
   """GEA default: a full-SFT agent gets LoRA adapters for PPO; base LLM weights stay bitwise unchanged.
