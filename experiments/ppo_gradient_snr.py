@@ -59,7 +59,7 @@ def main(argv):
   learner = ppo_lib.VlmPPO(config.ppo, ctx, model, wrt, names, seed=int(config.seed))
   p, L = config.ppo, ctx.layout
   cand = candidate_ids(ctx.vocab.mask_table)
-  batch = jax.jit(learner._batch)
+  batch = jax.jit(learner.batch_rows)
 
   def surrogate(params, data, e):
     m = nnx.merge(learner.graphdef, params, learner.rest)

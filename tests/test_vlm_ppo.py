@@ -474,7 +474,7 @@ def test_update_batch_rows_hold_their_own_transition_and_a_step_raises_the_surro
   learner = ppo.VlmPPO(p, ctx, model, wrt, EMBODIMENTS, seed=0)
   trajs, boots, _ = learner.collect(0)
   with sharding.use_mesh(learner.mesh, learner.rules):
-    data = jax.device_get(jax.jit(learner._batch)(trajs, boots))
+    data = jax.device_get(jax.jit(learner.batch_rows)(trajs, boots))
   n, T, E = int(p.num_envs), int(p.unroll_length), len(EMBODIMENTS)
   slots = ctx.layout.slots()
   for i, (traj, boot) in enumerate(zip(trajs, boots)):

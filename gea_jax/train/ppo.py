@@ -374,8 +374,10 @@ class VlmPPO:
       _COMPILED[cache_key] = hit
     _, self._collect, self._update = hit
 
-  def _batch(self, trajs, boots):
-    """GAE per embodiment, then env-major rows ``[N, E, T] -> N * E * T``: each device's envs stay its rows."""
+  def batch_rows(self, trajs, boots):
+    """The update's data from ``collect``'s trajectories and bootstrap values: GAE per embodiment, then env-major
+    rows ``[N, E, T] -> N * E * T`` (each device's envs stay its rows) holding the sequences, ``old_logp``,
+    ``old_value``, ``adv`` and ``target``. Traceable; call it under ``sharding.use_mesh(self.mesh, self.rules)``."""
     p, L = self.p, self.ctx.layout
     n, T = int(p.num_envs), int(p.unroll_length)
     rows = []
@@ -411,7 +413,7 @@ class VlmPPO:
     update does not depend on the mesh; each minibatch is pinned to the batch axes.
     """
     p, L, graphdef = self.p, self.ctx.layout, self.graphdef
-    data = self._batch(trajs, boots)
+    data = self.batch_rows(trajs, boots)
     if sft_batch is not None:
       sft_batch = fill_action_ids(self.ctx.vocab, L, sft_batch)
     kl_coef = float(p.kl_coef)
