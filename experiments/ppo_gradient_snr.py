@@ -1,15 +1,18 @@
 """How much of a PPO batch's policy gradient is signal: agreement between independent batches at fixed parameters.
 
     python experiments/ppo_gradient_snr.py --workdir=workdirs/sft_vs_ppo [--config=configs/default.py] \\
-        [--batches=8] [--warmup=4] [--config.ppo.num_envs=16] [--config.ppo.embodiments=grid_goto_ego]
+        [--batches=8] [--warmup=10] [--config.ppo.num_envs=16] [--config.ppo.embodiments=grid_goto_ego]
 
 Loads the SFT agent of a pipeline workdir (`WORKDIR/sft`, with `WORKDIR/data` and `WORKDIR/rvq/artifact`), builds
-the VLM PPO learner of the config's ``ppo`` section (`gea_jax.train.ppo.VlmPPO`) and, with the parameters held
-fixed, collects ``--warmup`` iterations (discarded: episodes continue across iterations, so the batches that follow
-come from the running mix of early and late episode steps, as in training) and then ``--batches`` batches. For each
-batch and embodiment it takes the gradient of PPO's surrogate at ratio 1, -mean(adv * log pi(a|s)) over that body's
-rows with the learner's own advantages (GAE, normalized per body): the direction of the first minibatch step of an
-update, before Adam rescales it. Write each batch's gradient as g_k = mu + e_k (mu: the expected gradient, e_k: the
+the VLM PPO learner of the config's ``ppo`` section (`gea_jax.train.ppo.VlmPPO`) and, with the policy held fixed,
+runs ``--warmup`` iterations whose batches are discarded, then ``--batches`` more. Every iteration is PPO's value
+warm-up (`ppo.value_warmup_iterations`): the value head trains on the batch, nothing else changes, so the advantages
+have the baseline PPO's own would have (SFT leaves the value head untrained) and, as episodes continue across
+iterations, the measured batches hold the running mix of early and late episode steps, as in training. For each
+measured batch and embodiment it takes the gradient of PPO's surrogate at ratio 1, -mean(adv * log pi(a|s)) over that
+body's rows with the learner's own advantages (GAE, normalized per body), before the batch's value update: the
+direction of the first minibatch step of an update, before Adam rescales it. The value head's explained variance of
+the GAE targets on the measured batches is reported beside it. Write each batch's gradient as g_k = mu + e_k (mu: the expected gradient, e_k: the
 batch's noise, variance tr(S) / B for B transitions). The mean pairwise cosine c between batches estimates
 |mu|^2 / (|mu|^2 + tr(S) / B), so the batch whose signal equals its noise holds B * (1 - c) / c transitions
 (``transitions_for_snr_1``). Adam normalizes every parameter's step, so with c near 0 an update is mostly a random
@@ -28,7 +31,7 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Agent config (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "The pipeline (or sft_vs_ppo) workdir holding the agent.")
 _BATCHES = flags.DEFINE_integer("batches", 8, "Independent batches whose gradients are compared (>= 2).")
-_WARMUP = flags.DEFINE_integer("warmup", 4, "Collector iterations run first and discarded.")
+_WARMUP = flags.DEFINE_integer("warmup", 10, "Value-only iterations run first (their batches are not measured).")
 
 GROUPS = ("embed_tokens", "lora", "vision_encoder", "projector", "state_")  # substrings of parameter paths
 
@@ -55,6 +58,7 @@ def main(argv):
   ctx = load_context(config, config.sft.tokenizer_artifact, config.data.data_dir,
                      [e for e in str(config.data.embodiments).split(",") if e])
   model = ppo_lib.load_sft_model(config, wd, ctx)
+  config.ppo.value_warmup_iterations = _WARMUP.value + _BATCHES.value  # every update trains the value head only
   wrt, mode = ppo_lib.prepare_model(model, config)
   learner = ppo_lib.VlmPPO(config.ppo, ctx, model, wrt, names, seed=int(config.seed))
   p, L = config.ppo, ctx.layout
@@ -77,21 +81,25 @@ def main(argv):
   group_index = np.repeat([group_of(q) for q in paths], sizes)  # ravel_pytree's order = the leaves' order
   grads = {n: [] for n in names}
   stats = {n: [] for n in names}
+  explained = {n: [] for n in names}
   for it in range(_WARMUP.value + _BATCHES.value):
     trajs, boots, s = learner.collect(it)
-    if it < _WARMUP.value:
-      continue
-    with sharding.use_mesh(learner.mesh, learner.rules):
-      data = batch(trajs, boots)
-      for n, e in zip(names, learner.ids):
-        grads[n].append(np.asarray(ravel_pytree(grad(learner.params, data, e))[0], np.float64))
-        stats[n].append(s[f"{n}/reward_per_step"])
+    if it >= _WARMUP.value:
+      with sharding.use_mesh(learner.mesh, learner.rules):
+        data = batch(trajs, boots)
+        for n, e in zip(names, learner.ids):
+          grads[n].append(np.asarray(ravel_pytree(grad(learner.params, data, e))[0], np.float64))
+          stats[n].append(s[f"{n}/reward_per_step"])
+          rows = np.asarray(data["embodiment_id"]) == e
+          target, value = np.asarray(data["target"])[rows], np.asarray(data["old_value"])[rows]
+          explained[n].append(1.0 - np.var(target - value) / max(np.var(target), 1e-12))
+    learner.update(it, trajs, boots)  # the value head only (see the module docstring)
   per_body = int(p.num_envs) * int(p.unroll_length)
   out = {"workdir": wd, "train_mode": mode, "transitions_per_batch": per_body, "batches": _BATCHES.value,
          "num_params": int(grads[names[0]][0].size), "bodies": {}}
   print("| body | transitions per batch | mean pairwise cosine | cosine to the mean of the others | "
-        "transitions for SNR 1 | reward per step |")
-  print("|---|---|---|---|---|---|")
+        "transitions for SNR 1 | reward per step | value head's explained variance |")
+  print("|---|---|---|---|---|---|---|")
   for n in names:
     g = [x / np.linalg.norm(x) for x in grads[n]]
     pair = [float(a @ b) for a, b in itertools.combinations(g, 2)]
@@ -115,9 +123,10 @@ def main(argv):
     out["bodies"][n] = {"mean_pairwise_cosine": round(c, 4), "pairwise_cosine_std": round(float(np.std(pair)), 4),
                         "cosine_to_mean_of_others": round(float(np.mean(loo)), 4),
                         "transitions_for_snr_1": round(need) if c > 0 else None, "reward_per_step": float(np.mean(stats[n])),
+                        "value_explained_variance": round(float(np.mean(explained[n])), 3),
                         "groups": by_group}
     print(f"| {n} | {per_body} | {c:.4f} +- {np.std(pair):.4f} | {np.mean(loo):.4f} | {need:.0f} | "
-          f"{np.mean(stats[n]):.4f} |")
+          f"{np.mean(stats[n]):.4f} | {np.mean(explained[n]):.3f} |")
   print("| body | parameter group | parameters | share of the squared gradient norm | mean pairwise cosine |")
   print("|---|---|---|---|---|")
   for n in names:
