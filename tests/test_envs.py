@@ -212,8 +212,8 @@ def test_grid_target_point_is_the_named_objects_cell_and_minus_one_when_held():
 
 def test_grid_ego_view_turns_the_frame_so_the_agent_faces_up():
   """`grid_*_ego`: same tasks and dynamics as the top-down bodies; the frame is turned so that the cell the agent faces
-  is the one drawn above it (checked from pixels, for each facing) and the one `front_tile` reads, and `target_point` lands on the named object's
-  picture in the turned frame."""
+  is the one drawn above it (checked from pixels, for each facing) and the one `front_tile` reads, and
+  `target_point` lands on the named object's picture in the turned frame."""
   from xminigrid.core.constants import Tiles
   from xminigrid.types import AgentState
 
