@@ -47,14 +47,18 @@ def ppo_section(ppo_dir: str):
   `ppo.train` restores it and trains no further."""
   import ml_collections
 
-  from gea_jax.checkpoint import load_step_meta
-  ckpts = os.path.join(ppo_dir, "checkpoints")
-  steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()) if os.path.isdir(ckpts) else []
-  if not steps:
-    raise app.UsageError(f"--ppo: no PPO checkpoint in {ckpts}")
-  saved = (load_step_meta(os.path.join(ckpts, str(steps[-1]))).get("config") or {}).get("ppo")
+  from gea_jax.checkpoint import Checkpointer, CheckpointError, load_step_meta
+  try:
+    with Checkpointer(ppo_dir, read_only=True) as ck:
+      steps = ck.all_steps()
+      if not steps:
+        raise app.UsageError(f"--ppo: no PPO checkpoint in {ck.directory}")
+      last_dir = ck.step_dir(steps[-1])
+  except CheckpointError as e:
+    raise app.UsageError(f"--ppo: {e}") from None
+  saved = (load_step_meta(last_dir).get("config") or {}).get("ppo")
   if not saved:
-    raise app.UsageError(f"--ppo: {ckpts}/{steps[-1]} holds no ppo config section")
+    raise app.UsageError(f"--ppo: {last_dir} holds no ppo config section")
   if steps[-1] != int(saved["iterations"]):
     raise app.UsageError(f"--ppo: the run in {ppo_dir} stopped at iteration {steps[-1]} of its "
                          f"ppo.iterations={saved['iterations']}: finish it first (nothing trains here)")
