@@ -556,6 +556,36 @@ def test_validate_names_the_bad_key():
   c.ppo.num_minibatches, c.ppo.value_trunk_grad = 2, 1.5
   with pytest.raises(ConfigError, match=r"ppo.value_trunk_grad: must be in \[0.0, 1.0\]"):
     ppo.validate(c)
+  c.ppo.value_trunk_grad, c.ppo.value_lr = 0.0, -1e-3
+  with pytest.raises(ConfigError, match="ppo.value_lr: must be >= 0"):
+    ppo.validate(c)
+
+
+@pytest.mark.parametrize("value_lr", [0.0, 1e-2])
+def test_value_lr_sets_the_value_heads_own_step_size(value_lr):
+  """Adam's first step moves every parameter by its learning rate: the value head's by ``ppo.value_lr`` when it is
+  > 0 (else by ``ppo.lr``), everything else by ``ppo.lr``; clipping still sees the whole gradient."""
+  from gea_jax.models.value_head import ValueHead
+
+  class Tiny(nnx.Module):
+    def __init__(self):
+      self.value_head = ValueHead(4, 3, rngs=nnx.Rngs(0))
+      self.proj = nnx.Linear(4, 4, rngs=nnx.Rngs(1))
+
+  p = ppo.ppo_defaults()
+  p.lr, p.value_lr, p.grad_clip = 1e-4, value_lr, 1.0
+  params = nnx.state(Tiny(), nnx.Param)
+  tx = ppo.make_optimizer(p)
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  steps = jax.tree_util.tree_map_with_path(lambda path, u: (ppo.is_value_head_path(path), np.abs(np.asarray(u))),
+                                           updates)
+  seen = set()
+  for in_value_head, step in jax.tree.leaves(steps, is_leaf=lambda x: isinstance(x, tuple)):
+    seen.add(in_value_head)
+    want = (value_lr or p.lr) if in_value_head else p.lr
+    np.testing.assert_allclose(step, want, rtol=1e-3)
+  assert seen == {True, False}
 
 
 def test_run_starts_from_the_sft_checkpoint(assets, tmp_path):

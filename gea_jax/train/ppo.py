@@ -92,6 +92,7 @@ def ppo_defaults() -> ml_collections.ConfigDict:
   c.num_epochs = 2
   c.num_minibatches = 4
   c.lr = 1e-4
+  c.value_lr = 0.0              # > 0: the value head's own Adam learning rate (0 = lr)
   c.grad_clip = 1.0
   c.discount = 0.97
   c.gae_lambda = 0.95
@@ -200,6 +201,8 @@ def validate(config) -> None:
             "value_warmup_iterations", "sft_coef"):
     cv.positive(config, f"{p}.{k}", allow_zero=True)
   cv.in_range(config, f"{p}.discount", 0.0, 1.0)
+  if "value_lr" in config.ppo:
+    cv.positive(config, f"{p}.value_lr", allow_zero=True)
   if "value_trunk_grad" in config.ppo:
     cv.in_range(config, f"{p}.value_trunk_grad", 0.0, 1.0)
   shaping_coefs(config.ppo)
@@ -288,9 +291,32 @@ def prepare_model(model: AgentModel, config) -> tuple[Any, str]:
   return trainable_filter(mcfg), mode
 
 
+def is_value_head_path(path) -> bool:
+  """Whether a parameter's pytree path lies in the agent's value head."""
+  return any(getattr(k, "key", getattr(k, "name", None)) == "value_head" for k in path)
+
+
+def scale_value_head(factor: float) -> optax.GradientTransformation:
+  """Stateless: multiplies the value head's updates by ``factor`` (the rest pass through)."""
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(
+        lambda path, u: u * factor if is_value_head_path(path) else u, updates), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(p) -> optax.GradientTransformation:
+  """Global-norm clipping, then Adam at ``p.lr``; the value head's steps at ``p.value_lr`` when that is > 0.
+
+  Adam's step is proportional to its learning rate, so the value head's rate is a rescaling of its steps after Adam
+  (one optimizer state, laid out like the parameters).
+  """
   parts = [optax.clip_by_global_norm(float(p.grad_clip))] if float(p.grad_clip) > 0 else []
-  return optax.chain(*parts, optax.adam(float(p.lr)))
+  lr, value_lr = float(p.lr), float(p.get("value_lr", 0.0))
+  parts.append(optax.adam(lr))
+  if value_lr > 0 and value_lr != lr:
+    parts.append(scale_value_head(value_lr / lr))
+  return optax.chain(*parts)
 
 
 _COMPILED: dict[Any, Any] = {}
