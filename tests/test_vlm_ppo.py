@@ -526,6 +526,11 @@ def test_lora_ppo_on_grid_goto_changes_only_lora_and_resumes_exactly(assets, tmp
   assert res.final_metrics["entropy"] > 0
   assert res.final_metrics["grid_goto/episodes"] >= 0
   assert len(res.curves["ppo/loss"]) == 2
+  assert len(res.curves["ppo/perf/env_steps_per_second"]) == 2
+  for k in ("perf/collect_seconds", "perf/update_seconds", "perf/env_steps_per_second"):
+    assert res.final_metrics[k] > 0, k
+  busy = res.final_metrics["perf/collect_seconds"] + res.final_metrics["perf/update_seconds"]
+  np.testing.assert_allclose(res.final_metrics["perf/env_steps_per_second"], 8 * 2 / busy, rtol=1e-6)
   # "killed" after iteration 1: resume from that checkpoint, reach the same parameters bit for bit
   part = tmp_path / "part"
   shutil.copytree(tmp_path / "full", part)

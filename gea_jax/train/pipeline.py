@@ -203,7 +203,8 @@ def run(config, workdir: str) -> dict:
     ppo_rows = evaluate_rows(config, ppo_res.model, result.ctx, names, data_dir, stage="sft+ppo")
     tables["closed-loop success (held-out), SFT + PPO"] = ppo_rows
     curves.update({k: v for k, v in ppo_res.curves.items() if k.endswith(("/loss", "success_rate", "reward_per_step"))})
-    ppo_summary = {"ppo_iterations": ppo_res.iterations, "ppo_wall_time_s": round(ppo_res.wall_time, 1)}
+    ppo_summary = {"ppo_iterations": ppo_res.iterations, "ppo_wall_time_s": round(ppo_res.wall_time, 1),
+                   "ppo_env_steps_per_second": round(ppo_res.final_metrics.get("perf/env_steps_per_second", 0.0), 1)}
     rows = rows + ppo_rows
   summary = {**ppo_summary, "sft_steps": result.steps, "final_sft_loss": result.final_metrics.get("loss"),
              "final_token_accuracy": result.final_metrics.get("token_accuracy"),

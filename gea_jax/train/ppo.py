@@ -541,10 +541,18 @@ class VlmPPO:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
   def iteration(self, it: int) -> dict[str, float]:
-    """One PPO iteration (collect every embodiment, update); returns host metrics."""
-    trajs, boots, stats = self.collect(it)
-    out = self.update(it, trajs, boots)
+    """One PPO iteration (collect every embodiment, update); returns host metrics, with the wall time of each half
+    (``perf/collect_seconds``, ``perf/update_seconds``: the first iteration's include compiling) and
+    ``perf/env_steps_per_second`` (every body's env steps over both halves)."""
+    t0 = time.perf_counter()
+    trajs, boots, stats = self.collect(it)  # its host stats wait for the rollouts
+    t1 = time.perf_counter()
+    out = self.update(it, trajs, boots)     # returns host floats: the update has finished
+    t2 = time.perf_counter()
     out.update(stats)
+    env_steps = int(self.p.num_envs) * int(self.p.unroll_length) * len(self.names)
+    out.update({"perf/collect_seconds": t1 - t0, "perf/update_seconds": t2 - t1,
+                "perf/env_steps_per_second": env_steps / max(t2 - t0, 1e-9)})
     return out
 
   def _sft_batch(self):
