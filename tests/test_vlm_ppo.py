@@ -566,6 +566,34 @@ def test_validate_names_the_bad_key():
     ppo.validate(c)
 
 
+def test_grad_accum_takes_one_step_on_the_mean_gradient():
+  """``ppo.grad_accum`` k: the first k-1 minibatches' updates are zero and the k-th is the plain optimizer's step on
+  the mean of the k gradients; its state places on a mesh like Adam's; k must divide ``ppo.num_minibatches``."""
+  from gea_jax import sharding
+  from gea_jax.config_validation import ConfigError
+  p = ppo.ppo_defaults()
+  p.lr, p.grad_clip = 1e-2, 1.0
+  params = {"w": jnp.arange(6.0).reshape(2, 3), "value_head": {"b": jnp.ones(3)}}
+  g1 = jax.tree.map(lambda x: jnp.full_like(x, 0.3), params)
+  g2 = jax.tree.map(lambda x: jnp.linspace(-2.0, 1.0, x.size).reshape(x.shape), params)
+  plain = ppo.make_optimizer(p)
+  want, _ = plain.update(jax.tree.map(lambda a, b: (a + b) / 2, g1, g2), plain.init(params), params)
+  p.grad_accum = 2
+  tx = ppo.make_optimizer(p)
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  state = ppo.place_opt_state(tx, tx.init(params), params, mesh)
+  first, state = tx.update(g1, state, params)
+  assert all(float(jnp.max(jnp.abs(u))) == 0 for u in jax.tree.leaves(first))
+  second, _ = tx.update(g2, state, params)
+  for a, b in zip(jax.tree.leaves(second), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  c = _config()
+  c.sft.tokenizer_artifact, c.data.data_dir = "artifact", "data"
+  c.ppo.num_minibatches, c.ppo.grad_accum = 2, 3
+  with pytest.raises(ConfigError, match="ppo.grad_accum: must divide ppo.num_minibatches"):
+    ppo.validate(c)
+
+
 @pytest.mark.parametrize("value_lr", [0.0, 1e-2])
 def test_value_lr_sets_the_value_heads_own_step_size(value_lr):
   """Adam's first step moves every parameter by its learning rate: the value head's by ``ppo.value_lr`` when it is

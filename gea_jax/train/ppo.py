@@ -91,6 +91,10 @@ def ppo_defaults() -> ml_collections.ConfigDict:
   c.task_split = "train"
   c.num_epochs = 2
   c.num_minibatches = 4
+  # > 1: gradients of this many consecutive minibatches are averaged into one Adam step (optax.MultiSteps): an
+  # update sees num_envs x unroll_length x bodies / num_minibatches x grad_accum transitions at one minibatch's
+  # memory. Must divide num_minibatches (no accumulation runs across iterations, whose policies differ)
+  c.grad_accum = 1
   c.lr = 1e-4
   c.value_lr = 0.0              # > 0: the value head's own Adam learning rate (0 = lr)
   c.grad_clip = 1.0
@@ -221,6 +225,11 @@ def validate(config) -> None:
   cv.require(n % int(config.ppo.num_minibatches) == 0, f"{p}.num_minibatches",
              f"must divide the batch of {n} transitions (embodiments x num_envs x unroll_length)",
              config.ppo.num_minibatches)
+  if "grad_accum" in config.ppo:
+    cv.positive(config, f"{p}.grad_accum")
+    cv.require(int(config.ppo.num_minibatches) % int(config.ppo.grad_accum) == 0, f"{p}.grad_accum",
+               f"must divide ppo.num_minibatches ({config.ppo.num_minibatches}): an update's last accumulated "
+               "gradients would otherwise carry into the next iteration's", config.ppo.grad_accum)
   validate_mesh(config)
 
 
@@ -306,7 +315,8 @@ def scale_value_head(factor: float) -> optax.GradientTransformation:
 
 
 def make_optimizer(p) -> optax.GradientTransformation:
-  """Global-norm clipping, then Adam at ``p.lr``; the value head's steps at ``p.value_lr`` when that is > 0.
+  """Global-norm clipping, then Adam at ``p.lr``; the value head's steps at ``p.value_lr`` when that is > 0; with
+  ``p.grad_accum`` > 1 all of it applied once per that many gradients, to their mean (optax.MultiSteps).
 
   Adam's step is proportional to its learning rate, so the value head's rate is a rescaling of its steps after Adam
   (one optimizer state, laid out like the parameters).
@@ -316,7 +326,9 @@ def make_optimizer(p) -> optax.GradientTransformation:
   parts.append(optax.adam(lr))
   if value_lr > 0 and value_lr != lr:
     parts.append(scale_value_head(value_lr / lr))
-  return optax.chain(*parts)
+  tx = optax.chain(*parts)
+  k = int(p.get("grad_accum", 1))
+  return optax.MultiSteps(tx, every_k_schedule=k) if k > 1 else tx
 
 
 _COMPILED: dict[Any, Any] = {}
