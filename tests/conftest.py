@@ -13,8 +13,9 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 # Tests build fresh jitted closures of the same programs again and again (collectors, PPO updates, SFT steps over the
-# same tiny shapes); XLA's persistent compilation cache makes every later compile of an identical program a disk
-# read. Shared by the pytest-xdist workers; GEA_TEST_COMPILATION_CACHE="" turns it off.
+# same tiny shapes); XLA's persistent compilation cache makes every later compile (of >= 0.5 s) of an identical program
+# a disk read. Shared by the pytest-xdist workers and kept between runs (a clean clone saves little: docs/benchmarks.md,
+# test suite; local reruns save most). GEA_TEST_COMPILATION_CACHE="" turns it off.
 _COMPILATION_CACHE = os.environ.get(
     "GEA_TEST_COMPILATION_CACHE",
     os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax_compilation_cache"))

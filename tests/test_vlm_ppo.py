@@ -597,7 +597,7 @@ def test_grad_accum_takes_one_step_on_the_mean_gradient():
 @pytest.mark.parametrize("value_lr", [0.0, 1e-2])
 def test_value_lr_sets_the_value_heads_own_step_size(value_lr):
   """Adam's first step moves every parameter by its learning rate: the value head's by ``ppo.value_lr`` when it is
-  > 0 (else by ``ppo.lr``), everything else by ``ppo.lr``; clipping still sees the whole gradient."""
+  > 0 (else by ``ppo.lr``), everything else by ``ppo.lr``."""
   from gea_jax.models.value_head import ValueHead
 
   class Tiny(nnx.Module):
