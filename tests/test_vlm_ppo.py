@@ -592,6 +592,11 @@ def test_grad_accum_takes_one_step_on_the_mean_gradient():
   c.ppo.num_minibatches, c.ppo.grad_accum = 2, 3
   with pytest.raises(ConfigError, match="ppo.grad_accum: must divide ppo.num_minibatches"):
     ppo.validate(c)
+  with pytest.raises(ConfigError, match="ppo.grad_accum: must divide ppo.num_minibatches"):
+    ppo.make_optimizer(c.ppo)  # also when the learner is built without ppo.validate
+  c.ppo.grad_accum = 0
+  with pytest.raises(ConfigError, match="ppo.grad_accum: must be a positive int"):
+    ppo.make_optimizer(c.ppo)
 
 
 @pytest.mark.parametrize("value_lr", [0.0, 1e-2])

@@ -225,11 +225,7 @@ def validate(config) -> None:
   cv.require(n % int(config.ppo.num_minibatches) == 0, f"{p}.num_minibatches",
              f"must divide the batch of {n} transitions (embodiments x num_envs x unroll_length)",
              config.ppo.num_minibatches)
-  if "grad_accum" in config.ppo:
-    cv.positive(config, f"{p}.grad_accum")
-    cv.require(int(config.ppo.num_minibatches) % int(config.ppo.grad_accum) == 0, f"{p}.grad_accum",
-               f"must divide ppo.num_minibatches ({config.ppo.num_minibatches}): an update's last accumulated "
-               "gradients would otherwise carry into the next iteration's", config.ppo.grad_accum)
+  grad_accum_steps(config.ppo)
   validate_mesh(config)
 
 
@@ -314,6 +310,17 @@ def scale_value_head(factor: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def grad_accum_steps(p) -> int:
+  """``ppo.grad_accum`` (1 when absent), checked: a positive int that divides ``ppo.num_minibatches`` (an update's
+  last accumulated gradients would otherwise carry into the next iteration's, whose policy differs)."""
+  k = p.get("grad_accum", 1)
+  cv.require(isinstance(k, int) and k > 0, "ppo.grad_accum", "must be a positive int", k)
+  cv.require(int(p.num_minibatches) % k == 0, "ppo.grad_accum",
+             f"must divide ppo.num_minibatches ({p.num_minibatches}): an update's last accumulated gradients would "
+             "otherwise carry into the next iteration's", k)
+  return k
+
+
 def make_optimizer(p) -> optax.GradientTransformation:
   """Global-norm clipping, then Adam at ``p.lr``; the value head's steps at ``p.value_lr`` when that is > 0; with
   ``p.grad_accum`` > 1 all of it applied once per that many gradients, to their mean (optax.MultiSteps).
@@ -327,7 +334,7 @@ def make_optimizer(p) -> optax.GradientTransformation:
   if value_lr > 0 and value_lr != lr:
     parts.append(scale_value_head(value_lr / lr))
   tx = optax.chain(*parts)
-  k = int(p.get("grad_accum", 1))
+  k = grad_accum_steps(p)  # checked here too: the learner can be built without ppo.validate
   return optax.MultiSteps(tx, every_k_schedule=k) if k > 1 else tx
 
 
