@@ -86,7 +86,7 @@ def main(argv):
     trajs, boots, s = learner.collect(it)
     if it >= _WARMUP.value:
       with sharding.use_mesh(learner.mesh, learner.rules):
-        data = batch(trajs, boots)
+        data = batch(trajs, boots, None if learner.critic_state is None else learner.critic_state[0])
         for n, e in zip(names, learner.ids):
           grads[n].append(np.asarray(ravel_pytree(grad(learner.params, data, e))[0], np.float64))
           stats[n].append(s[f"{n}/reward_per_step"])

@@ -564,6 +564,12 @@ def test_validate_names_the_bad_key():
   c.ppo.value_trunk_grad, c.ppo.value_lr = 0.0, -1e-3
   with pytest.raises(ConfigError, match="ppo.value_lr: must be >= 0"):
     ppo.validate(c)
+  c.ppo.value_lr, c.ppo.critic = 0.0, "oracle"
+  with pytest.raises(ConfigError, match="ppo.critic: must be one of"):
+    ppo.validate(c)
+  c.ppo.critic, c.ppo.critic_hidden = "privileged", (64, 0)
+  with pytest.raises(ConfigError, match="ppo.critic_hidden: must be a non-empty tuple"):
+    ppo.validate(c)
 
 
 def test_grad_accum_takes_one_step_on_the_mean_gradient():
@@ -784,3 +790,73 @@ def test_time_limit_cut_or_terminal():
   c.ppo.time_limit = "bootstrap"
   with pytest.raises(ConfigError, match="ppo.time_limit: must be one of"):
     ppo.validate(c)
+
+
+def test_privileged_critic_features_rollout_advantages_and_update(assets):
+  """``ppo.critic = "privileged"``: the collector records each step's privileged features (the state the action was
+  taken in, and the next one after any auto-reset); GAE and ``old_value`` use the critic's values of them; an update
+  fits the critic to the value targets (its loss on the batch falls) and leaves the agent's value head untouched."""
+  from gea_jax import sharding
+  from gea_jax.rl.privileged_critic import feature_dim, privileged_features, symlog
+  grid = registry.make("grid_goto")
+  st = grid.reset(jax.random.key(3))
+  f = privileged_features(grid)(st)
+  assert f.shape == (feature_dim(grid),) and bool(jnp.all(jnp.isfinite(f)))
+  np.testing.assert_allclose(f[-1], symlog(-grid.shaping_potential(st)), rtol=1e-6)  # the actions left to the target
+  reacher = registry.make("reacher")
+  assert privileged_features(reacher)(reacher.reset(jax.random.key(3))).shape == (feature_dim(reacher),)
+
+  config, ctx, model = _setup(assets, "full", history=1)
+  p = config.ppo
+  p.train_mode, p.critic, p.unroll_length, p.num_epochs = "lora", "privileged", 6, 4
+  wrt, _ = ppo.prepare_model(model, config)
+  learner = ppo.VlmPPO(p, ctx, model, wrt, EMBODIMENTS, seed=0)
+  trajs, boots, _ = learner.collect(0)
+  for traj, name in zip(trajs, EMBODIMENTS):
+    assert traj.critic_obs.shape == (6, 2, feature_dim(registry.make(name)))
+    np.testing.assert_array_equal(traj.next_critic_obs[:-1], traj.critic_obs[1:])
+    assert float(jnp.std(traj.critic_obs[:, :, :-1])) > 0
+  critic0 = jax.tree.map(np.array, learner.critic_state[0])
+  batch = jax.jit(learner.batch_rows)
+  with sharding.use_mesh(learner.mesh, learner.rules):
+    data = jax.device_get(batch(trajs, boots, learner.critic_state[0]))
+  n, T, E = int(p.num_envs), int(p.unroll_length), len(EMBODIMENTS)
+  for i, traj in enumerate(trajs):
+    value = learner.critic_value(learner.critic_state[0], traj.critic_obs, i)
+    boot = learner.critic_value(learner.critic_state[0], traj.next_critic_obs[-1], i)
+    adv, _ = ppo.embodiment_advantages(p, traj.reward, value, boot, traj.termination, traj.truncation)
+    for env in range(n):
+      rows = (env * E + i) * T + np.arange(T)
+      np.testing.assert_allclose(data["old_value"][rows], value[:, env], rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(data["adv"][rows], adv[:, env], rtol=1e-5, atol=1e-5)
+  head_before = {k: v for k, v in _flat(model).items() if "value_head" in k}
+  m = learner.update(0, trajs, boots)
+  assert "value_loss" not in m and np.isfinite(m["critic/value_loss"])
+  for name in EMBODIMENTS:
+    assert np.isfinite(m[f"{name}/value_explained_variance"])
+  head_after = {k: v for k, v in _flat(learner.sync()).items() if "value_head" in k}
+  assert head_before and all(np.array_equal(head_before[k], head_after[k]) for k in head_before)
+
+  def critic_loss(params):
+    v = nnx.merge(learner.critic_graphdef, params)(jnp.asarray(data["critic_x"]))
+    return float(jnp.mean(jnp.square(v - data["target"])))
+  assert critic_loss(learner.critic_state[0]) < 0.9 * critic_loss(critic0)
+
+
+def test_privileged_critic_resumes_exactly(assets, tmp_path):
+  """The critic's parameters and Adam state are in the checkpoint: a run killed after iteration 1 and resumed
+  reaches the same agent bit for bit (a critic restarted from its initialization would give other advantages)."""
+  config, ctx, model = _setup(assets, "full", history=1)
+  config.ppo.train_mode, config.ppo.critic = "lora", "privileged"
+  config.ppo.num_envs, config.ppo.unroll_length = 8, 2  # one env per device of the config's 8-device mesh
+  res = ppo.train(config, str(tmp_path / "full"), model, ctx, ["grid_goto"])
+  assert res.iterations == 2 and np.isfinite(res.final_metrics["critic/value_loss"])
+  part = tmp_path / "part"
+  shutil.copytree(tmp_path / "full", part)
+  shutil.rmtree(part / "ppo" / "checkpoints" / "2")
+  res2 = ppo.train(config, str(part), _setup(assets, "full", history=1)[2], ctx, ["grid_goto"])
+  a, b = _flat(res.model), _flat(res2.model)
+  assert any("lora_b" in k and np.any(a[k]) for k in a)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  np.testing.assert_array_equal(res.final_metrics["critic/value_loss"], res2.final_metrics["critic/value_loss"])

@@ -92,6 +92,10 @@ class Trajectory:
   termination: jax.Array  # [T, N] episode ended by success (no bootstrap)
   truncation: jax.Array   # [T, N] episode ended by the time limit
   success: jax.Array      # [T, N]
+  # a privileged critic's features (`make_collector(critic_features=)`; [T, N, 0] without one): of the state each
+  # action was taken in, and of the state the next action is taken in (after any auto-reset; [-1] bootstraps)
+  critic_obs: jax.Array       # [T, N, Dc]
+  next_critic_obs: jax.Array  # [T, N, Dc]
 
 
 def make_reset_pool(env, ctx: AgentContext, e: int, key: jax.Array, size: int, split: str = "train") -> ResetPool:
@@ -160,7 +164,8 @@ def refresh_prefix_rows(model, layout: PromptLayout, prefix: KVCache, done, text
 
 def make_collector(ctx: AgentContext, e: int, env, num_steps: int, *, greedy: bool = False,
                    temperature: float = 1.0, decode_fn=None, prefix_cache: bool | None = None,
-                   prefix_chunk: int | None = None, continue_episodes: bool = False, fold_lora: bool = True):
+                   prefix_chunk: int | None = None, continue_episodes: bool = False, fold_lora: bool = True,
+                   critic_features=None):
   """``collect(model, pool, num_envs, key, mask_table) -> (Trajectory, bootstrap_value [N])``.
 
   ``continue_episodes``: ``collect(model, pool, num_envs, key, mask_table, start) -> (Trajectory, bootstrap value,
@@ -176,11 +181,18 @@ def make_collector(ctx: AgentContext, e: int, env, num_steps: int, *, greedy: bo
   ``fold_lora``: decode with the LoRA adapters folded into a copy of the kernels, once per call
   (`gea_jax.models.lora.merged_copy`; the parameters are fixed within a call): the same policy up to float
   rounding, one matmul per projection instead of three; costs a second copy of the adapted kernels.
+  ``critic_features``: ``fn(state) -> [Dc]`` (`gea_jax.rl.privileged_critic.privileged_features`): the trajectory's
+  ``critic_obs`` / ``next_critic_obs`` hold it for every step (empty ``[T, N, 0]`` without it).
   """
   policy = make_policy_step(ctx, e, greedy=greedy, temperature=temperature, decode_fn=decode_fn, return_cache=True)
   spec = ctx.specs[e]
   L = ctx.layout
   use_prefix = decode_fn is None if prefix_cache is None else bool(prefix_cache)
+
+  def features(env_state):  # [N, Dc]
+    if critic_features is None:
+      return jnp.zeros((env_state.step.shape[0], 0), jnp.float32)
+    return jax.vmap(critic_features)(env_state)
 
   def collect(model, pool: ResetPool, num_envs: int, key, mask_table, start: Episodes | None = None):
     n = num_envs
@@ -209,10 +221,12 @@ def make_collector(ctx: AgentContext, e: int, env, num_steps: int, *, greedy: bo
         prefix = reuse_prefix_buffers(prefix, used_cache)
       nxt = jax.vmap(env.step)(env_state, action)
       done = nxt.done
+      critic_obs = features(env_state)
       out = Trajectory(images=new_buffers.images, states=new_buffers.states, frame_valid=new_buffers.frame_valid,
                        hist_ids=buffers.hist_ids, text_ids=text_ids, text_mask=text_mask, tokens=tokens, logp=logp,
                        value=value, reward=nxt.reward, termination=nxt.terminal & done,
-                       truncation=done & ~nxt.terminal, success=nxt.success & done)
+                       truncation=done & ~nxt.terminal, success=nxt.success & done, critic_obs=critic_obs,
+                       next_critic_obs=critic_obs)
       # auto-reset: finished rows take the next pool entries
       rank = jnp.cumsum(done.astype(jnp.int32)) - 1
       idx = n + (used + rank) % (p - n)
@@ -220,6 +234,7 @@ def make_collector(ctx: AgentContext, e: int, env, num_steps: int, *, greedy: bo
       text_ids = jnp.where(done[:, None], pool.text_ids[idx], text_ids)
       text_mask = jnp.where(done[:, None], pool.text_mask[idx], text_mask)
       new_buffers = _where_rows(done, fresh, new_buffers)
+      out = out.replace(next_critic_obs=features(env_state))
       if use_prefix:  # reset rows have a new text: recompute their caches (only theirs, only when some env reset)
         prefix = refresh_prefix_rows(model, L, prefix, done, text_ids, text_mask, chunk)
       return _on_envs((env_state, new_buffers, text_ids, text_mask, used + done.sum(), prefix), n), _on_envs(out, n)

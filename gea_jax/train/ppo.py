@@ -97,6 +97,12 @@ def ppo_defaults() -> ml_collections.ConfigDict:
   c.grad_accum = 1
   c.lr = 1e-4
   c.value_lr = 0.0              # > 0: the value head's own Adam learning rate (0 = lr)
+  # the baseline GAE uses: "policy" (the agent's value head on the LLM's last hidden state; GEA) or "privileged" (an
+  # MLP on the simulator's state and task, `gea_jax.rl.privileged_critic`: asymmetric actor-critic; the agent's value
+  # head is then not trained). The privileged critic has its own Adam at critic_lr and hidden layers critic_hidden
+  c.critic = "policy"
+  c.critic_lr = 1e-3
+  c.critic_hidden = (256, 256)
   c.grad_clip = 1.0
   c.discount = 0.97
   c.gae_lambda = 0.95
@@ -144,6 +150,24 @@ def ppo_defaults() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.sft_workdir = ""            # run(): start from this SFT run's latest checkpoint
   return c
+
+
+CRITICS = ("policy", "privileged")
+
+
+def critic_kind(p) -> str:
+  """``ppo.critic`` ("policy" when absent), checked (a learner can be built without `validate`)."""
+  kind = p.get("critic", "policy")
+  cv.require(kind in CRITICS, "ppo.critic", f"must be one of {CRITICS}", kind)
+  return kind
+
+
+def critic_hidden(p) -> tuple[int, ...]:
+  """``ppo.critic_hidden``, checked: the privileged critic MLP's hidden widths."""
+  hidden = tuple(p.get("critic_hidden", (256, 256)))
+  cv.require(len(hidden) > 0 and all(isinstance(h, int) and h > 0 for h in hidden), "ppo.critic_hidden",
+             "must be a non-empty tuple of positive ints (the privileged critic's hidden widths)", hidden)
+  return hidden
 
 
 def embodiment_advantages(p, reward, value, bootstrap, termination, truncation):
@@ -207,6 +231,9 @@ def validate(config) -> None:
   cv.in_range(config, f"{p}.discount", 0.0, 1.0)
   if "value_lr" in config.ppo:
     cv.positive(config, f"{p}.value_lr", allow_zero=True)
+  if critic_kind(config.ppo) == "privileged":
+    cv.positive(config, f"{p}.critic_lr")
+    critic_hidden(config.ppo)
   if "value_trunk_grad" in config.ppo:
     cv.in_range(config, f"{p}.value_trunk_grad", 0.0, 1.0)
   shaping_coefs(config.ppo)
@@ -375,6 +402,9 @@ class VlmPPO:
     self.names = list(embodiments)
     self.ids = [ctx.index(n) for n in self.names]
     self.envs = make_envs(p, self.names)
+    self.privileged = critic_kind(p) == "privileged"
+    self.critic_features = [None] * len(self.names)
+    self.critic_state = None  # (params, Adam state) of the privileged critic
     n, T = int(p.num_envs), int(p.unroll_length)
     env_axes = sharding.logical_to_spec(("envs",), self.rules)[0]
     check_envs_split(n, self.rules, dict(self.mesh.shape))
@@ -390,6 +420,15 @@ class VlmPPO:
     self.opt_state = place_opt_state(self.tx, self.tx.init(params), params, self.mesh)
     self.mask_table = jax.device_put(jnp.asarray(ctx.vocab.mask_table), self.replicated)
     self.seed_key = jax.random.key(int(seed))
+    if self.privileged:
+      from gea_jax.rl import privileged_critic as pc
+      self.critic_features = [pc.privileged_features(env) for env in self.envs]
+      self.critic_width = max(pc.feature_dim(env) for env in self.envs)
+      critic = pc.PrivilegedCritic(self.critic_width + len(self.names), critic_hidden(p),
+                                   rngs=nnx.Rngs(int(seed) + 11))
+      self.critic_graphdef, critic_params = nnx.split(critic)
+      self.critic_tx = optax.adam(float(p.get("critic_lr", 1e-3)))
+      self.critic_state = jax.device_put((critic_params, self.critic_tx.init(critic_params)), self.replicated)
     graphdef = self.graphdef
     state_sh = jax.tree.map(lambda x: x.sharding, (self.params, self.opt_state))
 
@@ -400,7 +439,8 @@ class VlmPPO:
     def collector(e_idx):
       collect = make_collector(ctx, self.ids[e_idx], self.envs[e_idx], T, greedy=False,
                                temperature=float(p.temperature), continue_episodes=self.continue_episodes,
-                               fold_lora=bool(p.get("fold_lora", True)))
+                               fold_lora=bool(p.get("fold_lora", True)),
+                               critic_features=self.critic_features[e_idx])
 
       def fn(params, rest, pool, key, mask_table, start=None):
         return collect(nnx.merge(graphdef, params, rest), pool, n, key, mask_table, start)
@@ -412,22 +452,37 @@ class VlmPPO:
                  self.rules, jax.tree.structure(state_sh), tuple(jax.tree.leaves(state_sh)))
     hit = _COMPILED.get(cache_key)
     if hit is None or hit[0] is not ctx:
-      update = jax.jit(self._update_fn, out_shardings=(state_sh[0], state_sh[1], self.replicated))
+      update = jax.jit(self._update_fn, out_shardings=(state_sh[0], state_sh[1],
+                                                       self.replicated if self.privileged else None, self.replicated))
       hit = (ctx, [collector(i) for i in range(len(self.names))], update)
       if len(_COMPILED) >= 4:
         _COMPILED.pop(next(iter(_COMPILED)))
       _COMPILED[cache_key] = hit
     _, self._collect, self._update = hit
 
-  def batch_rows(self, trajs, boots):
+  def critic_value(self, critic_params, features, body: int):
+    """The privileged critic's values of body ``body``'s (index in ``self.names``) features ``[..., Dc]``."""
+    from gea_jax.rl.privileged_critic import critic_inputs
+    x = critic_inputs(features, body, len(self.names), self.critic_width)
+    return nnx.merge(self.critic_graphdef, critic_params)(x)
+
+  def batch_rows(self, trajs, boots, critic_params=None):
     """The update's data from ``collect``'s trajectories and bootstrap values: GAE per embodiment, then env-major
     rows ``[N, E, T] -> N * E * T`` (each device's envs stay its rows) holding the sequences, ``old_logp``,
-    ``old_value``, ``adv`` and ``target``. Traceable; call it under ``sharding.use_mesh(self.mesh, self.rules)``."""
+    ``old_value``, ``adv`` and ``target``. With the privileged critic (``critic_params``, required then) its values
+    replace the value head's in GAE and ``old_value``, and the rows hold its inputs (``critic_x``). Traceable; call it
+    under ``sharding.use_mesh(self.mesh, self.rules)``."""
     p, L = self.p, self.ctx.layout
     n, T = int(p.num_envs), int(p.unroll_length)
+    if self.privileged and critic_params is None:
+      raise ValueError("batch_rows: ppo.critic='privileged' needs critic_params (self.critic_state[0])")
     rows = []
-    for e, traj, boot in zip(self.ids, trajs, boots):
-      adv, target = embodiment_advantages(p, traj.reward, traj.value, boot, traj.termination, traj.truncation)
+    for i, (e, traj, boot) in enumerate(zip(self.ids, trajs, boots)):
+      value = traj.value
+      if self.privileged:
+        value = self.critic_value(critic_params, traj.critic_obs, i)
+        boot = self.critic_value(critic_params, traj.next_critic_obs[-1], i)
+      adv, target = embodiment_advantages(p, traj.reward, value, boot, traj.termination, traj.truncation)
       # [T, N, ...] -> [N * T, ...] (explicit sizes: -1 cannot be inferred for empty leaves, e.g. no history frames)
       env_major = lambda x: jnp.swapaxes(x, 0, 1).reshape((n * T,) + x.shape[2:])
       flat = jax.tree.map(env_major, traj)
@@ -438,7 +493,10 @@ class VlmPPO:
       rows.append(dict(input_ids=seq["input_ids"], attention_mask=seq["attention_mask"], positions=seq["positions"],
                        targets=seq["targets"], image=seq["image"], state=seq["state"],
                        embodiment_id=jnp.full((b,), e, jnp.int32), token_valid=tok_valid.astype(jnp.float32),
-                       old_logp=flat.logp, old_value=flat.value, adv=env_major(adv), target=env_major(target)))
+                       old_logp=flat.logp, old_value=env_major(value), adv=env_major(adv), target=env_major(target)))
+      if self.privileged:
+        from gea_jax.rl.privileged_critic import critic_inputs
+        rows[-1]["critic_x"] = critic_inputs(flat.critic_obs, i, len(self.names), self.critic_width)
 
     def stack(*xs):
       x = jnp.stack([x.reshape((n, T) + x.shape[1:]) for x in xs], 1)  # [N, E, T, ...]
@@ -450,15 +508,28 @@ class VlmPPO:
     return sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
 
   def _update_fn(self, params, opt_state, rest, ref_params, trajs, boots, key, mask_table, policy_weight,
-                 sft_batch=None):
-    """One PPO update; ``policy_weight`` (0 during the value warm-up, else 1) scales every term but the value loss.
+                 sft_batch=None, critic_state=None):
+    """One PPO update -> (params, opt_state, critic_state, metrics); ``policy_weight`` (0 during the value warm-up,
+    else 1) scales every term but the value loss.
 
     sft_batch: None, or a batch of expert sequences whose SFT loss (x p.sft_coef) joins every minibatch's loss.
     Minibatches are drawn by a global shuffle of the whole batch (`sgd_epochs` with one shuffle block), so the
     update does not depend on the mesh; each minibatch is pinned to the batch axes.
+    critic_state: the privileged critic's (params, Adam state) (``ppo.critic = "privileged"``): its values make the
+    advantages, the agent's value head is not trained, and the critic regresses on the value targets over the same
+    epochs and minibatch count after the policy's (its own shuffle).
     """
     p, L, graphdef = self.p, self.ctx.layout, self.graphdef
-    data = self.batch_rows(trajs, boots)
+    data = self.batch_rows(trajs, boots, None if critic_state is None else critic_state[0])
+    # how much of the return's variance the baseline explains, per embodiment (before this update)
+    value_metrics = {}
+    for name, e in zip(self.names, self.ids):
+      rows = (data["embodiment_id"] == e).astype(jnp.float32)
+      mean = lambda x, rows=rows: jnp.sum(rows * x) / jnp.sum(rows)
+      var_t = mean(jnp.square(data["target"] - mean(data["target"])))
+      err = data["target"] - data["old_value"]
+      value_metrics[f"{name}/value_explained_variance"] = 1.0 - mean(jnp.square(err - mean(err))) / jnp.maximum(
+          var_t, 1e-12)
     if sft_batch is not None:
       sft_batch = fill_action_ids(self.ctx.vocab, L, sft_batch)
     kl_coef = float(p.kl_coef)
@@ -499,14 +570,38 @@ class VlmPPO:
         sl, _ = sft_loss(model, L, sft_batch, mask_table, candidate_ids=cand)
         policy_terms = policy_terms + float(p.sft_coef) * sl
         m.update(sft_loss=sl)
-      total = policy_weight * policy_terms + float(p.vf_coef) * m["value_loss"]
+      if self.privileged:  # the critic is fitted on its own below; the agent's value head is left as it is
+        total = policy_weight * policy_terms
+        del m["value_loss"]
+      else:
+        total = policy_weight * policy_terms + float(p.vf_coef) * m["value_loss"]
       m.update(loss=total)
       return total, m
 
     params, opt_state, metrics = sgd_epochs(loss_fn, self.tx, params, opt_state, data, key,
                                             num_epochs=int(p.num_epochs), num_minibatches=int(p.num_minibatches))
     metrics.update(ref_metrics)
-    return params, opt_state, metrics
+    metrics.update(value_metrics)
+    if critic_state is not None:
+      critic_state, critic_metrics = self._fit_critic(critic_state, data, jax.random.fold_in(key, 1))
+      metrics.update(critic_metrics)
+    return params, opt_state, critic_state, metrics
+
+  def _fit_critic(self, critic_state, data, key):
+    """The privileged critic's regression on the batch's value targets: ``ppo.num_epochs`` x ``num_minibatches``
+    Adam steps on 0.5 (V(x) - target)^2."""
+    p = self.p
+    cparams, copt = critic_state
+
+    def loss_fn(cp, mb, _key):
+      mb = jax.tree.map(self._on_batch, mb)
+      loss = 0.5 * jnp.mean(jnp.square(nnx.merge(self.critic_graphdef, cp)(mb["x"]) - mb["target"]))
+      return loss, {"critic/value_loss": loss}
+    cparams, copt, m = sgd_epochs(loss_fn, self.critic_tx, cparams, copt, {"x": data["critic_x"],
+                                                                            "target": data["target"]},
+                                  key, num_epochs=int(p.num_epochs), num_minibatches=int(p.num_minibatches))
+    m["critic/grad_norm"] = m.pop("grad_norm")
+    return (cparams, copt), m
 
   def _per_embodiment(self, label: str, x, embodiment_id) -> dict:
     """{"<embodiment>/<label>": sum of ``x`` [b] over that embodiment's rows / (b / embodiments)}.
@@ -554,9 +649,9 @@ class VlmPPO:
     key = jax.random.fold_in(self.seed_key, it)
     policy_weight = jnp.float32(0.0 if it < int(p.get("value_warmup_iterations", 0)) else 1.0)
     with sharding.use_mesh(self.mesh, self.rules):
-      self.params, self.opt_state, metrics = self._update(self.params, self.opt_state, self.rest, self.ref_params,
-                                                          trajs, boots, jax.random.fold_in(key, 99), self.mask_table,
-                                                          policy_weight, self._sft_batch())
+      self.params, self.opt_state, self.critic_state, metrics = self._update(
+          self.params, self.opt_state, self.rest, self.ref_params, trajs, boots, jax.random.fold_in(key, 99),
+          self.mask_table, policy_weight, self._sft_batch(), self.critic_state)
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
   def iteration(self, it: int) -> dict[str, float]:
@@ -603,13 +698,31 @@ class VlmPPO:
 
   def set_episode_arrays(self, arrays: dict) -> None:
     """Inverse of `episode_arrays` (after `episode_target` built the templates)."""
-    eps = []
-    for name, t in zip(self.names, self._episode_templates):
-      leaves = jax.tree.leaves(t)
-      got = [arrays[name][f"{j:03d}"] if x.size else x for j, x in enumerate(leaves)]  # empty leaves are not saved
-      got = [jax.random.wrap_key_data(g, impl=jax.random.key_impl(x)) if _is_key(x) else g for g, x in zip(got, leaves)]
-      eps.append(jax.device_put(jax.tree.unflatten(jax.tree.structure(t), got), self.pool_sharding))
-    self.episodes = eps
+    self.episodes = [jax.device_put(_from_leaf_dict(t, arrays[name]), self.pool_sharding)
+                     for name, t in zip(self.names, self._episode_templates)]
+
+  def checkpoint_arrays(self) -> dict | None:
+    """What a checkpoint's ``arrays`` item holds: `episode_arrays` and, with the privileged critic, its parameters
+    and Adam state under ``CRITIC_KEY``; None when there is neither."""
+    eps = self.episode_arrays()
+    if self.critic_state is None:
+      return eps
+    return {**(eps or {}), CRITIC_KEY: _leaf_dict(self.critic_state)}
+
+  def checkpoint_target(self) -> dict | None:
+    """The restore target of `checkpoint_arrays` (builds `episode_target`'s templates)."""
+    eps = self.episode_target()
+    if self.critic_state is None:
+      return eps
+    return {**(eps or {}), CRITIC_KEY: _leaf_dict(self.critic_state)}
+
+  def set_checkpoint_arrays(self, arrays: dict) -> None:
+    """Inverse of `checkpoint_arrays` (after `checkpoint_target`)."""
+    arrays = dict(arrays)
+    if self.critic_state is not None:
+      self.critic_state = jax.device_put(_from_leaf_dict(self.critic_state, arrays.pop(CRITIC_KEY)), self.replicated)
+    if self.continue_episodes:
+      self.set_episode_arrays(arrays)
 
   def sync(self) -> AgentModel:
     nnx.update(self.model, self.params)
@@ -630,6 +743,17 @@ class PpoResult:
 
 def _is_key(x) -> bool:
   return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+CRITIC_KEY = "privileged_critic"  # the critic's entry in a checkpoint's arrays (beside the embodiments' episodes)
+
+
+def _from_leaf_dict(template, arrays: dict):
+  """Inverse of `_leaf_dict`: ``template``'s tree with its leaves from ``arrays`` (empty leaves are not saved)."""
+  leaves = jax.tree.leaves(template)
+  got = [arrays[f"{j:03d}"] if x.size else x for j, x in enumerate(leaves)]
+  got = [jax.random.wrap_key_data(g, impl=jax.random.key_impl(x)) if _is_key(x) else g for g, x in zip(got, leaves)]
+  return jax.tree.unflatten(jax.tree.structure(template), got)
 
 
 def _leaf_dict(tree) -> dict:
@@ -674,17 +798,17 @@ def train(config, workdir: str, model: AgentModel, ctx: AgentContext, embodiment
   ckpt = Checkpointer(os.path.join(workdir, "ppo"), keep=int(p.keep_checkpoints),
                       save_every=int(p.checkpoint_every), config=config)
   start = 0
-  episode_target = learner.episode_target() if ckpt.all_steps(reload=True) else None
+  arrays_target = learner.checkpoint_target() if ckpt.all_steps(reload=True) else None
   restored = ckpt.restore_latest(abstract_like(learner.params, mesh), abstract_like(learner.opt_state, mesh),
-                                 abstract_like(episode_target, mesh) if episode_target is not None else None)
+                                 abstract_like(arrays_target, mesh) if arrays_target is not None else None)
   if restored is not None:
     learner.params = restored.params
     learner.opt_state = restored.opt_state
     if restored.arrays is not None:
-      learner.set_episode_arrays(restored.arrays)
-    elif episode_target is not None:  # saved with ppo.continue_episodes=False (or before it existed)
-      logging.warning("PPO: checkpoint %s holds no running episodes; they start fresh from the reset pool",
-                      restored.path)
+      learner.set_checkpoint_arrays(restored.arrays)
+    elif arrays_target is not None:  # saved with ppo.continue_episodes=False (or before it existed)
+      logging.warning("PPO: checkpoint %s holds no running episodes%s; they start fresh", restored.path,
+                      " or privileged critic" if learner.critic_state is not None else "")
     if sft_iterator is not None and restored.data_state is not None:
       sft_iterator.set_state(restored.data_state)
     start = restored.step
@@ -709,7 +833,7 @@ def train(config, workdir: str, model: AgentModel, ctx: AgentContext, embodiment
       if ckpt.should_save(it) or it == total or preempt.requested:
         ckpt.save(it, params=learner.params, opt_state=learner.opt_state, rng=learner.seed_key, force=True,
                   data_state=sft_iterator.get_state() if sft_iterator is not None else None,
-                  arrays=learner.episode_arrays(), extra={k: v for k, v in metrics.items() if np.isfinite(v)})
+                  arrays=learner.checkpoint_arrays(), extra={k: v for k, v in metrics.items() if np.isfinite(v)})
       if preempt.requested:
         logging.warning("PPO: SIGTERM received; checkpoint saved at iteration %d, exiting", it)
         break
