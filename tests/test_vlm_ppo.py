@@ -808,7 +808,7 @@ def test_privileged_critic_features_rollout_advantages_and_update(assets):
 
   config, ctx, model = _setup(assets, "full", history=1)
   p = config.ppo
-  p.train_mode, p.critic, p.unroll_length, p.num_epochs = "lora", "privileged", 6, 4
+  p.train_mode, p.critic, p.unroll_length = "lora", "privileged", 6
   wrt, _ = ppo.prepare_model(model, config)
   learner = ppo.VlmPPO(p, ctx, model, wrt, EMBODIMENTS, seed=0)
   trajs, boots, _ = learner.collect(0)

@@ -76,6 +76,7 @@ from gea_jax.reporting import MetricWriter, Progress
 from gea_jax.rl.gae import compute_gae
 from gea_jax.rl.losses import normalize_advantages, ppo_loss
 from gea_jax.rl.ppo import sgd_epochs
+from gea_jax.rl.privileged_critic import PrivilegedCritic, critic_inputs, feature_dim, privileged_features
 from gea_jax.train.loop_utils import check_finite, install_sigterm_handler
 
 
@@ -99,10 +100,12 @@ def ppo_defaults() -> ml_collections.ConfigDict:
   c.value_lr = 0.0              # > 0: the value head's own Adam learning rate (0 = lr)
   # the baseline GAE uses: "policy" (the agent's value head on the LLM's last hidden state; GEA) or "privileged" (an
   # MLP on the simulator's state and task, `gea_jax.rl.privileged_critic`: asymmetric actor-critic; the agent's value
-  # head is then not trained). The privileged critic has its own Adam at critic_lr and hidden layers critic_hidden
+  # head is then not trained). The privileged critic has its own Adam at critic_lr and hidden layers critic_hidden; it
+  # starts from scratch, so each update fits it for critic_epochs passes over the batch (num_minibatches steps each)
   c.critic = "policy"
   c.critic_lr = 1e-3
   c.critic_hidden = (256, 256)
+  c.critic_epochs = 8
   c.grad_clip = 1.0
   c.discount = 0.97
   c.gae_lambda = 0.95
@@ -233,6 +236,7 @@ def validate(config) -> None:
     cv.positive(config, f"{p}.value_lr", allow_zero=True)
   if critic_kind(config.ppo) == "privileged":
     cv.positive(config, f"{p}.critic_lr")
+    cv.positive(config, f"{p}.critic_epochs")
     critic_hidden(config.ppo)
   if "value_trunk_grad" in config.ppo:
     cv.in_range(config, f"{p}.value_trunk_grad", 0.0, 1.0)
@@ -421,10 +425,9 @@ class VlmPPO:
     self.mask_table = jax.device_put(jnp.asarray(ctx.vocab.mask_table), self.replicated)
     self.seed_key = jax.random.key(int(seed))
     if self.privileged:
-      from gea_jax.rl import privileged_critic as pc
-      self.critic_features = [pc.privileged_features(env) for env in self.envs]
-      self.critic_width = max(pc.feature_dim(env) for env in self.envs)
-      critic = pc.PrivilegedCritic(self.critic_width + len(self.names), critic_hidden(p),
+      self.critic_features = [privileged_features(env) for env in self.envs]
+      self.critic_width = max(feature_dim(env) for env in self.envs)
+      critic = PrivilegedCritic(self.critic_width + len(self.names), critic_hidden(p),
                                    rngs=nnx.Rngs(int(seed) + 11))
       self.critic_graphdef, critic_params = nnx.split(critic)
       self.critic_tx = optax.adam(float(p.get("critic_lr", 1e-3)))
@@ -462,7 +465,6 @@ class VlmPPO:
 
   def critic_value(self, critic_params, features, body: int):
     """The privileged critic's values of body ``body``'s (index in ``self.names``) features ``[..., Dc]``."""
-    from gea_jax.rl.privileged_critic import critic_inputs
     x = critic_inputs(features, body, len(self.names), self.critic_width)
     return nnx.merge(self.critic_graphdef, critic_params)(x)
 
@@ -495,7 +497,6 @@ class VlmPPO:
                        embodiment_id=jnp.full((b,), e, jnp.int32), token_valid=tok_valid.astype(jnp.float32),
                        old_logp=flat.logp, old_value=env_major(value), adv=env_major(adv), target=env_major(target)))
       if self.privileged:
-        from gea_jax.rl.privileged_critic import critic_inputs
         rows[-1]["critic_x"] = critic_inputs(flat.critic_obs, i, len(self.names), self.critic_width)
 
     def stack(*xs):
@@ -516,8 +517,8 @@ class VlmPPO:
     Minibatches are drawn by a global shuffle of the whole batch (`sgd_epochs` with one shuffle block), so the
     update does not depend on the mesh; each minibatch is pinned to the batch axes.
     critic_state: the privileged critic's (params, Adam state) (``ppo.critic = "privileged"``): its values make the
-    advantages, the agent's value head is not trained, and the critic regresses on the value targets over the same
-    epochs and minibatch count after the policy's (its own shuffle).
+    advantages, the agent's value head is not trained, and the critic regresses on the value targets after the
+    policy's epochs (`_fit_critic`).
     """
     p, L, graphdef = self.p, self.ctx.layout, self.graphdef
     data = self.batch_rows(trajs, boots, None if critic_state is None else critic_state[0])
@@ -588,7 +589,7 @@ class VlmPPO:
     return params, opt_state, critic_state, metrics
 
   def _fit_critic(self, critic_state, data, key):
-    """The privileged critic's regression on the batch's value targets: ``ppo.num_epochs`` x ``num_minibatches``
+    """The privileged critic's regression on the batch's value targets: ``ppo.critic_epochs`` x ``num_minibatches``
     Adam steps on 0.5 (V(x) - target)^2."""
     p = self.p
     cparams, copt = critic_state
@@ -599,7 +600,8 @@ class VlmPPO:
       return loss, {"critic/value_loss": loss}
     cparams, copt, m = sgd_epochs(loss_fn, self.critic_tx, cparams, copt, {"x": data["critic_x"],
                                                                             "target": data["target"]},
-                                  key, num_epochs=int(p.num_epochs), num_minibatches=int(p.num_minibatches))
+                                  key, num_epochs=int(p.get("critic_epochs", 8)),
+                                  num_minibatches=int(p.num_minibatches))
     m["critic/grad_norm"] = m.pop("grad_norm")
     return (cparams, copt), m
 
