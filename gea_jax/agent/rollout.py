@@ -210,18 +210,17 @@ def make_collector(ctx: AgentContext, e: int, env, num_steps: int, *, greedy: bo
     # the text's KV cache (None without the prefix path: an empty pytree in the carry)
     prefix0 = text_prefix_cache(model, L, start.text_ids, start.text_mask) if use_prefix else None
     carry0 = _on_envs((start.env_state, start.buffers, start.text_ids, start.text_mask, jnp.zeros((), jnp.int32),
-                       prefix0), n)
+                       prefix0, features(start.env_state)), n)
     fresh = _on_envs(init_buffers(ctx, n), n)
 
     def step(carry, k):
-      env_state, buffers, text_ids, text_mask, used, prefix = carry
+      env_state, buffers, text_ids, text_mask, used, prefix, critic_obs = carry  # critic_obs: env_state's features
       action, tokens, logp, value, new_buffers, used_cache = policy(model, buffers, env_state.obs, text_ids,
                                                                     text_mask, k, mask_table, prefix)
       if use_prefix and used_cache is not None:  # carry the written buffers: in-place slot writes, no copy
         prefix = reuse_prefix_buffers(prefix, used_cache)
       nxt = jax.vmap(env.step)(env_state, action)
       done = nxt.done
-      critic_obs = features(env_state)
       out = Trajectory(images=new_buffers.images, states=new_buffers.states, frame_valid=new_buffers.frame_valid,
                        hist_ids=buffers.hist_ids, text_ids=text_ids, text_mask=text_mask, tokens=tokens, logp=logp,
                        value=value, reward=nxt.reward, termination=nxt.terminal & done,
@@ -234,14 +233,16 @@ def make_collector(ctx: AgentContext, e: int, env, num_steps: int, *, greedy: bo
       text_ids = jnp.where(done[:, None], pool.text_ids[idx], text_ids)
       text_mask = jnp.where(done[:, None], pool.text_mask[idx], text_mask)
       new_buffers = _where_rows(done, fresh, new_buffers)
-      out = out.replace(next_critic_obs=features(env_state))
+      next_critic_obs = features(env_state)  # the next step's: carried, computed once per step
+      out = out.replace(next_critic_obs=next_critic_obs)
       if use_prefix:  # reset rows have a new text: recompute their caches (only theirs, only when some env reset)
         prefix = refresh_prefix_rows(model, L, prefix, done, text_ids, text_mask, chunk)
-      return _on_envs((env_state, new_buffers, text_ids, text_mask, used + done.sum(), prefix), n), _on_envs(out, n)
+      return (_on_envs((env_state, new_buffers, text_ids, text_mask, used + done.sum(), prefix, next_critic_obs), n),
+              _on_envs(out, n))
 
     k_steps, k_boot = jax.random.split(key)
     carry, traj = jax.lax.scan(step, carry0, jax.random.split(k_steps, num_steps))
-    env_state, buffers, text_ids, text_mask, _, prefix = carry
+    env_state, buffers, text_ids, text_mask, _, prefix, _ = carry
     boot = policy(model, buffers, env_state.obs, text_ids, text_mask, k_boot, mask_table, prefix)[3]
     if continue_episodes:
       return traj, boot, Episodes(env_state=env_state, buffers=buffers, text_ids=text_ids, text_mask=text_mask)
