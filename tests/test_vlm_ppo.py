@@ -821,6 +821,9 @@ def test_privileged_critic_features_rollout_advantages_and_update(assets):
     assert traj.critic_obs.shape == (6, 2, feature_dim(registry.make(name)))
     np.testing.assert_array_equal(traj.next_critic_obs[:-1], traj.critic_obs[1:])
     assert float(jnp.std(traj.critic_obs[:, :, :-1])) > 0
+  for i, traj in enumerate(trajs):  # the bootstrap's features are those of the episodes left running
+    final = jax.vmap(privileged_features(learner.envs[i]))(learner.episodes[i].env_state)
+    np.testing.assert_allclose(traj.next_critic_obs[-1], final, rtol=1e-6)
   critic0 = jax.tree.map(np.array, learner.critic_state[0])
   batch = jax.jit(learner.batch_rows)
   with sharding.use_mesh(learner.mesh, learner.rules):
