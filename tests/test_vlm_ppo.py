@@ -840,8 +840,10 @@ def test_privileged_critic_features_rollout_advantages_and_update(assets):
   head_before = {k: v for k, v in _flat(model).items() if "value_head" in k}
   m = learner.update(0, trajs, boots)
   assert "value_loss" not in m and np.isfinite(m["critic/value_loss"])
-  for name in EMBODIMENTS:
-    assert np.isfinite(m[f"{name}/value_explained_variance"])
+  for name, e in zip(EMBODIMENTS, learner.ids):  # of the critic's values before the update, per body
+    rows = data["embodiment_id"] == e
+    ev = 1.0 - np.var(data["target"][rows] - data["old_value"][rows]) / np.var(data["target"][rows])
+    np.testing.assert_allclose(m[f"{name}/value_explained_variance"], ev, rtol=1e-4, atol=1e-5)
   head_after = {k: v for k, v in _flat(learner.sync()).items() if "value_head" in k}
   assert head_before and all(np.array_equal(head_before[k], head_after[k]) for k in head_before)
 
