@@ -485,7 +485,8 @@ class VlmPPO:
     for i, (e, traj, boot) in enumerate(zip(self.ids, trajs, boots)):
       value = traj.value
       if self.privileged:
-        value = self.critic_value(critic_params, traj.critic_obs, i)
+        critic_x = critic_inputs(traj.critic_obs, i, len(self.names), self.critic_width)  # [T, N, in_dim]
+        value = nnx.merge(self.critic_graphdef, critic_params)(critic_x)
         boot = self.critic_value(critic_params, traj.next_critic_obs[-1], i)
       adv, target = embodiment_advantages(p, traj.reward, value, boot, traj.termination, traj.truncation)
       # [T, N, ...] -> [N * T, ...] (explicit sizes: -1 cannot be inferred for empty leaves, e.g. no history frames)
@@ -500,7 +501,7 @@ class VlmPPO:
                        embodiment_id=jnp.full((b,), e, jnp.int32), token_valid=tok_valid.astype(jnp.float32),
                        old_logp=flat.logp, old_value=env_major(value), adv=env_major(adv), target=env_major(target)))
       if self.privileged:
-        rows[-1]["critic_x"] = critic_inputs(flat.critic_obs, i, len(self.names), self.critic_width)
+        rows[-1]["critic_x"] = env_major(critic_x)
 
     def stack(*xs):
       x = jnp.stack([x.reshape((n, T) + x.shape[1:]) for x in xs], 1)  # [N, E, T, ...]
@@ -709,17 +710,17 @@ class VlmPPO:
   def checkpoint_arrays(self) -> dict | None:
     """What a checkpoint's ``arrays`` item holds: `episode_arrays` and, with the privileged critic, its parameters
     and Adam state under ``CRITIC_KEY``; None when there is neither."""
-    eps = self.episode_arrays()
-    if self.critic_state is None:
-      return eps
-    return {**(eps or {}), CRITIC_KEY: _leaf_dict(self.critic_state)}
+    return self._with_critic(self.episode_arrays())
 
   def checkpoint_target(self) -> dict | None:
-    """The restore target of `checkpoint_arrays` (builds `episode_target`'s templates)."""
-    eps = self.episode_target()
+    """The restore target of `checkpoint_arrays` (builds `episode_target`'s templates; the critic's current arrays
+    give the shapes and shardings of its own entry)."""
+    return self._with_critic(self.episode_target())
+
+  def _with_critic(self, episodes: dict | None) -> dict | None:
     if self.critic_state is None:
-      return eps
-    return {**(eps or {}), CRITIC_KEY: _leaf_dict(self.critic_state)}
+      return episodes
+    return {**(episodes or {}), CRITIC_KEY: _leaf_dict(self.critic_state)}
 
   def set_checkpoint_arrays(self, arrays: dict) -> None:
     """Inverse of `checkpoint_arrays` (after `checkpoint_target`)."""
