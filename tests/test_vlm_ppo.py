@@ -672,19 +672,23 @@ def _sharded_config():
   return config
 
 
-def test_one_iteration_on_the_mesh_equals_single_device(assets):
+@pytest.mark.parametrize("critic,shapes", [("policy", ((1, 1, 1), (8, 1, 1), (2, 4, 1))),
+                                           ("privileged", ((1, 1, 1), (8, 1, 1)))])
+def test_one_iteration_on_the_mesh_equals_single_device(assets, critic, shapes):
   """Collection + update on 8 fake devices ((8,1,1): envs over "data"; (2,4,1): params over "fsdp" too) = on one:
   the same sampled actions, parameters and metrics; every array is laid out on the mesh and each jitted call
-  compiles once."""
+  compiles once. The privileged critic (replicated, fitted on rows split over "data") gives the same critic
+  parameters and metrics too."""
   from jax.sharding import PartitionSpec as P
 
   from gea_jax import sharding
   from gea_jax.train import sft
   config = _sharded_config()
+  config.ppo.critic = critic
   ctx = load_context(config, assets["artifact"], assets["data_dir"], EMBODIMENTS)
   names = ppo.embodiment_names(config)
   runs = []
-  for shape in ((1, 1, 1), (8, 1, 1), (2, 4, 1)):
+  for shape in shapes:
     devices = jax.devices()[:1] if shape == (1, 1, 1) else jax.devices()
     mesh, rules = sft.mesh_and_rules(config, sharding.make_mesh(shape, devices))
     ppo.validate_mesh(config, mesh)
@@ -703,7 +707,8 @@ def test_one_iteration_on_the_mesh_equals_single_device(assets):
       assert all(mu[k].sharding == x.sharding for k, x in split)
     runs.append(dict(tokens=[np.asarray(t.tokens) for t in trajs], logp=[np.asarray(t.logp) for t in trajs],
                      value=[np.asarray(t.value) for t in trajs], metrics={**metrics, **stats},
-                     params=_flat(learner.sync(), wrt)))
+                     params=_flat(learner.sync(), wrt),
+                     critic=_critic_flat(learner)))
     if shape == (2, 4, 1):  # a second iteration reuses both programs
       learner.iteration(1)
       assert learner._update._cache_size() == 1
@@ -721,6 +726,19 @@ def test_one_iteration_on_the_mesh_equals_single_device(assets):
       np.testing.assert_allclose(v, run["metrics"][k], atol=1e-5, rtol=1e-5, err_msg=k)
     for k, v in ref["params"].items():
       np.testing.assert_allclose(v, run["params"][k], atol=1e-5, err_msg=k)
+    assert ref["critic"].keys() == run["critic"].keys()
+    for k, v in ref["critic"].items():
+      np.testing.assert_allclose(v, run["critic"][k], atol=1e-5, err_msg=f"critic {k}")
+  if critic == "privileged":
+    assert ref["critic"] and "critic/value_loss" in ref["metrics"]
+
+
+def _critic_flat(learner) -> dict[str, np.ndarray]:
+  """The privileged critic's parameters and Adam state as flat host arrays ({} without one)."""
+  if learner.critic_state is None:
+    return {}
+  leaves = jax.tree_util.tree_leaves_with_path(learner.critic_state)
+  return {jax.tree_util.keystr(k): np.asarray(x) for k, x in leaves}
 
 
 def test_num_envs_must_split_over_the_mesh():
