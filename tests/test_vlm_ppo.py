@@ -10,6 +10,7 @@ import shutil
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import test_sft
@@ -575,6 +576,16 @@ def test_validate_names_the_bad_key():
   c.ppo.critic, c.ppo.critic_hidden = "privileged", (64, 0)
   with pytest.raises(ConfigError, match="ppo.critic_hidden: must be a non-empty tuple"):
     ppo.validate(c)
+  c.ppo.critic_hidden, c.ppo.critic_epochs = (64,), 0
+  with pytest.raises(ConfigError, match="ppo.critic_epochs: must be an int > 0"):
+    ppo.validate(c)
+  c.ppo.critic_epochs, c.ppo.critic_lr = 8, float("nan")
+  with pytest.raises(ConfigError, match="ppo.critic_lr: must be a finite number > 0"):
+    ppo.validate(c)
+  c.ppo.critic_lr = 3e-4
+  # the learner reads them through the same check; a config from before these keys gets the defaults
+  assert ppo.critic_fit_settings(c.ppo) == (3e-4, 8)
+  assert ppo.critic_fit_settings(ml_collections.ConfigDict({"critic": "privileged"})) == (1e-3, 8)
 
 
 def test_grad_accum_takes_one_step_on_the_mean_gradient():

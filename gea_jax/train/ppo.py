@@ -53,6 +53,7 @@ reset envs (the behaviour before session 6).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from typing import Any, Sequence
@@ -176,6 +177,17 @@ def critic_hidden(p) -> tuple[int, ...]:
   return hidden
 
 
+def critic_fit_settings(p) -> tuple[float, int]:
+  """``ppo.critic_lr`` and ``ppo.critic_epochs`` of the privileged critic (defaults when absent), checked: a learner
+  can be built without `validate`, and 0 epochs would leave its metrics NaN."""
+  lr, epochs = p.get("critic_lr", 1e-3), p.get("critic_epochs", 8)
+  cv.require(isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0,
+             "ppo.critic_lr", "must be a finite number > 0 (the privileged critic's Adam learning rate)", lr)
+  cv.require(isinstance(epochs, int) and not isinstance(epochs, bool) and epochs > 0, "ppo.critic_epochs",
+             "must be an int > 0 (passes of the privileged critic's fit over each update's batch)", epochs)
+  return float(lr), epochs
+
+
 def embodiment_advantages(p, reward, value, bootstrap, termination, truncation):
   """GAE advantages (normalized per ``p.normalize_advantage``) and value targets of one embodiment's batch [T, N].
 
@@ -238,8 +250,7 @@ def validate(config) -> None:
   if "value_lr" in config.ppo:
     cv.positive(config, f"{p}.value_lr", allow_zero=True)
   if critic_kind(config.ppo) == "privileged":
-    cv.positive(config, f"{p}.critic_lr")
-    cv.positive(config, f"{p}.critic_epochs")
+    critic_fit_settings(config.ppo)
     critic_hidden(config.ppo)
   if "value_trunk_grad" in config.ppo:
     cv.in_range(config, f"{p}.value_trunk_grad", 0.0, 1.0)
@@ -433,7 +444,8 @@ class VlmPPO:
       critic = PrivilegedCritic(self.critic_width + len(self.names), critic_hidden(p),
                                    rngs=nnx.Rngs(int(seed) + 11))
       self.critic_graphdef, critic_params = nnx.split(critic)
-      self.critic_tx = optax.adam(float(p.get("critic_lr", 1e-3)))
+      critic_lr, self.critic_epochs = critic_fit_settings(p)
+      self.critic_tx = optax.adam(critic_lr)
       self.critic_state = jax.device_put((critic_params, self.critic_tx.init(critic_params)), self.replicated)
     graphdef = self.graphdef
     state_sh = jax.tree.map(lambda x: x.sharding, (self.params, self.opt_state))
@@ -604,7 +616,7 @@ class VlmPPO:
       return loss, {"critic/value_loss": loss}
     cparams, copt, m = sgd_epochs(loss_fn, self.critic_tx, cparams, copt, {"x": data["critic_x"],
                                                                             "target": data["target"]},
-                                  key, num_epochs=int(p.get("critic_epochs", 8)),
+                                  key, num_epochs=self.critic_epochs,
                                   num_minibatches=int(p.num_minibatches))
     m["critic/grad_norm"] = m.pop("grad_norm")
     return (cparams, copt), m
