@@ -4,14 +4,17 @@
         [--embodiment=grid_goto_ego] [--episodes=128] [--split=heldout_seed] [--ppo]
 
 Loads the SFT agent of a pipeline workdir (`WORKDIR/sft`, with `WORKDIR/data` and `WORKDIR/rvq/artifact`) or, with
-``--ppo``, the finished PPO run in `WORKDIR/ppo` (with the ppo settings it ran with, read from its last checkpoint;
-it must have reached its ``ppo.iterations``, so nothing trains here), and runs
+``--ppo``, the PPO run in `WORKDIR/ppo` at its last checkpoint (with the ppo settings it ran with, read from that
+checkpoint; a run stopped before its ``ppo.iterations`` is probed where it stopped: nothing trains here), and runs
 ``--episodes`` episodes of a go-to / pick-up grid body as the evaluation does (`gea_jax.eval.evaluate_embodiment`,
 decoding per ``eval.decoding``). Every step the agent takes is classified by the cell in front of it (floor, wall,
 object, door) and by whether its action is a step of a shortest plan (the body's shaping potential, minus the
 actions left to face the target, rises by one, or the step succeeds), separately for the episodes that succeed and
 those that fail. Sessions 9 and 14 found the grid's failures to be one loop: facing an object it cannot walk into,
-the agent keeps choosing "forward". Prints a table and, as the last line, a JSON object with the figures.
+the agent keeps choosing "forward". The steps facing an object are split further by how that object relates to the
+instruction's (the target's kind in another colour, its colour on another kind, or neither): a loop that happens
+mostly in front of look-alikes is the instruction bound to the wrong object, one that happens in front of any object
+is not seeing that something is there. Prints tables and, as the last line, a JSON object with the figures.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ _PPO = flags.DEFINE_bool("ppo", False, "Probe the finished PPO run in WORKDIR/pp
 
 FRONT = ("floor", "wall", "object", "door")
 MOVES = ("forward", "right", "left")
+RELATION = ("neither", "same_kind", "same_colour", "same_object")  # the faced object vs the instruction's
 
 
 def front_kind(front_tile):
@@ -42,9 +46,19 @@ def front_kind(front_tile):
   return np.select([tile == Tiles.FLOOR, tile == Tiles.WALL, door], [0, 1, 3], default=2)
 
 
+def relation_to_target(front_cell, target):
+  """int [n] from the (tile, colour) pairs faced and the instruction's objects (``task["obj_a"]``): an index into
+  RELATION."""
+  import numpy as np
+  cell, target = np.asarray(front_cell), np.asarray(target)
+  kind, colour = cell[:, 0] == target[:, 0], cell[:, 1] == target[:, 1]
+  return kind.astype(int) + 2 * colour.astype(int)
+
+
 def ppo_section(ppo_dir: str):
-  """The ``ppo`` config section a finished PPO run in ``ppo_dir`` ran with (read from its last checkpoint), so that
-  `ppo.train` restores it and trains no further."""
+  """The ``ppo`` config section the PPO run in ``ppo_dir`` ran with (read from its last checkpoint) and that
+  checkpoint's iteration; ``iterations`` is set to it, so that `ppo.train` restores it and trains no further (a run
+  stopped early, e.g. by SIGTERM, is probed where it stopped)."""
   import ml_collections
 
   from gea_jax.checkpoint import Checkpointer, CheckpointError, load_step_meta
@@ -60,8 +74,9 @@ def ppo_section(ppo_dir: str):
   if not saved:
     raise app.UsageError(f"--ppo: {last_dir} holds no ppo config section")
   if steps[-1] != int(saved["iterations"]):
-    raise app.UsageError(f"--ppo: the run in {ppo_dir} stopped at iteration {steps[-1]} of its "
-                         f"ppo.iterations={saved['iterations']}: finish it first (nothing trains here)")
+    print(f"--ppo: the run in {ppo_dir} stopped at iteration {steps[-1]} of its ppo.iterations={saved['iterations']}: "
+          "probing that checkpoint")
+    saved["iterations"] = steps[-1]
   return ml_collections.ConfigDict(saved), steps[-1]
 
 
@@ -99,9 +114,9 @@ def main(argv):
 
   potential = jax.jit(jax.vmap(env.shaping_potential))
   step = jax.jit(jax.vmap(env.step))
-  facing = jax.jit(jax.vmap(env.front_tile))
+  facing = jax.jit(jax.vmap(env.front_cell))
   n = int(_EPISODES.value)
-  steps_log = []  # per step: (live [n], action [n], front [n], on a shortest plan [n], succeeded here [n])
+  steps_log = []  # per step: (live, action, front kind, on a shortest plan, succeeded here, relation), each [n]
 
   def on_step(t, states, action, live):
     before = np.asarray(potential(states))
@@ -112,7 +127,9 @@ def main(argv):
       ok = (np.asarray(potential(nxt)) == before + 1) | np.asarray(nxt.success)
       shortest |= (act == a) & ok
     success = np.asarray(step(states, action).success)
-    steps_log.append((live, act, front_kind(facing(states)), shortest, live & success))
+    cell = np.asarray(facing(states))
+    steps_log.append((live, act, front_kind(cell[:, 0]), shortest, live & success,
+                      relation_to_target(cell, states.task["obj_a"])))
 
   result = evaluate_embodiment(model, ctx, name, num_episodes=n, split=_SPLIT.value, seed=eval_seed(config),
                                greedy=is_greedy(eval_decoding(config), env.spec), on_step=on_step)
@@ -121,6 +138,7 @@ def main(argv):
   front = np.stack([s[2] for s in steps_log])
   shortest = np.stack([s[3] for s in steps_log])
   succeeded = np.stack([s[4] for s in steps_log]).any(0)
+  relation = np.stack([s[5] for s in steps_log])
   if abs(succeeded.mean() - result["success_rate"]) > 1e-9:
     raise RuntimeError(f"the steps' outcomes ({succeeded.mean()}) differ from the evaluation's ({result})")
   rows = {}
@@ -133,6 +151,10 @@ def main(argv):
       row[f"facing_{kind}"] = {"steps": int(here.sum()),
                                **{f"p_{m}": round(float((act[here] == i).mean()), 3) if here.any() else None
                                   for i, m in enumerate(MOVES)}}
+    facing_object = sel & (front == FRONT.index("object"))
+    row["facing_object_by_relation"] = {
+      rel: {"steps": int(here.sum()), "p_forward": round(float((act[here] == 0).mean()), 3) if here.any() else None}
+      for r, rel in enumerate(RELATION) for here in [facing_object & (relation == r)]}
     rows[outcome] = row
   print(f"{name} ({_SPLIT.value}), {stage}: success {result['success_rate']:.1%} of {n} episodes")
   print("| episodes | facing | steps | P(forward) | P(right) | P(left) |")
@@ -142,6 +164,13 @@ def main(argv):
       f = row[f"facing_{kind}"]
       if f["steps"]:
         print(f"| {outcome} | {kind} | {f['steps']} | {f['p_forward']:.2f} | {f['p_right']:.2f} | {f['p_left']:.2f} |")
+  print("\nFacing an object, by how it relates to the instruction's object:")
+  print("| episodes | faced object | steps | P(forward) |")
+  print("|---|---|---|---|")
+  for outcome, row in rows.items():
+    for rel, f in row["facing_object_by_relation"].items():
+      if f["steps"]:
+        print(f"| {outcome} | {rel} | {f['steps']} | {f['p_forward']:.2f} |")
   print(json.dumps({"workdir": wd, "embodiment": name, "split": _SPLIT.value, "stage": stage,
                     "success_rate": result["success_rate"], **rows}))
 

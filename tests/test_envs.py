@@ -232,6 +232,7 @@ def test_grid_ego_view_turns_the_frame_so_the_agent_faces_up():
                        pocket=jnp.array([Tiles.EMPTY, 0], jnp.uint8))
     st = s.replace(inner={"grid": jnp.asarray(g), "agent": agent})
     assert int(ego.front_tile(st)) == tile[0]  # the tile it faces, for each facing
+    np.testing.assert_array_equal(np.asarray(ego.front_cell(st)), tile)  # and its colour
     assert int(ego.front_tile(st.replace(inner={"grid": jnp.asarray(grid), "agent": agent}))) == Tiles.FLOOR
     img = np.asarray(ego._obs(st.inner["grid"], agent)["image"])
     # the agent's own cell: the up-pointing triangle

@@ -253,10 +253,15 @@ class GridTask(Embodiment):
   def _front(agent):
     return agent.position + jnp.asarray(DIRECTIONS)[agent.direction]
 
+  def front_cell(self, state: EnvState) -> jax.Array:
+    """int [2]: (tile id, colour id) (xminigrid's ``Tiles`` / ``Colors``) of the cell the agent faces, as the task's
+    ``obj_a`` names an object (jittable; vmap it over a batch)."""
+    front = self._front(state.inner["agent"])
+    return state.inner["grid"][front[0], front[1]]
+
   def front_tile(self, state: EnvState) -> jax.Array:
     """int: the tile id (xminigrid's ``Tiles``) of the cell the agent faces (jittable; vmap it over a batch)."""
-    front = self._front(state.inner["agent"])
-    return state.inner["grid"][front[0], front[1], 0]
+    return self.front_cell(state)[0]
 
   def target_point(self, state: EnvState) -> jax.Array:
     """Centre of the cell holding the instruction's first object (object or door; the first match in row-major
