@@ -30,11 +30,12 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "The pipeline (or sft
 _EMBODIMENT = flags.DEFINE_string("embodiment", "", "A go-to / pick-up grid body (\"\" = the config's first grid body).")
 _EPISODES = flags.DEFINE_integer("episodes", 128, "Episodes, run in parallel.")
 _SPLIT = flags.DEFINE_string("split", "heldout_seed", "Task split: train, heldout_seed or heldout_combo.")
-_PPO = flags.DEFINE_bool("ppo", False, "Probe the finished PPO run in WORKDIR/ppo instead of the SFT agent.")
+_PPO = flags.DEFINE_bool("ppo", False, "Probe the PPO run in WORKDIR/ppo instead of the SFT agent.")
 
 FRONT = ("floor", "wall", "object", "door")
 MOVES = ("forward", "right", "left")
-RELATION = ("neither", "same_kind", "same_colour", "same_object")  # the faced object vs the instruction's
+# the faced object vs the instruction's ("same_object": only at an episode's start, since arriving there succeeds)
+RELATION = ("neither", "same_kind", "same_colour", "same_object")
 
 
 def front_kind(front_tile):
@@ -153,7 +154,7 @@ def main(argv):
                                   for i, m in enumerate(MOVES)}}
     facing_object = sel & (front == FRONT.index("object"))
     row["facing_object_by_relation"] = {
-      rel: {"steps": int(here.sum()), "p_forward": round(float((act[here] == 0).mean()), 3) if here.any() else None}
+      rel: {"steps": int(here.sum()), "p_forward": round(float((act[here] == MOVES.index("forward")).mean()), 3) if here.any() else None}
       for r, rel in enumerate(RELATION) for here in [facing_object & (relation == r)]}
     rows[outcome] = row
   print(f"{name} ({_SPLIT.value}), {stage}: success {result['success_rate']:.1%} of {n} episodes")
