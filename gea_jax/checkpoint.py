@@ -540,6 +540,7 @@ class Checkpointer:
         if not self.read_only:
           for bad, _ in failed:
             self._quarantine(bad)
+      self._warn_changed_config(restored)
       return restored
     details = "; ".join(f"step {s}: {e}" for s, e in failed)
     hint = ""
@@ -552,6 +553,17 @@ class Checkpointer:
       hint = (f". The newest step was saved with a config that differs from this run's at: {'; '.join(diffs)}. A "
               "different model or layout changes the arrays: run with the saved values (e.g. --config.KEY=VALUE)")
     raise CheckpointError(f"no checkpoint in {self.directory} could be restored ({details}){hint}")
+
+  def _warn_changed_config(self, restored: RestoredState):
+    """A run resumed under other settings than it saved with continues, but its optimizer state (e.g. Adam's
+    moments, zero for parameters the saved run never moved) was accumulated under the old ones: say which."""
+    if self.read_only or not (restored.config and self._config):
+      return
+    diffs = config_differences(restored.config, self._config)
+    if diffs:
+      logger.warning("%s: resuming step %d with a config that differs from the one it was saved with at: %s. The "
+                     "optimizer state was accumulated under the saved settings", self.directory, restored.step,
+                     "; ".join(diffs))
 
   def _quarantine(self, step: int):
     src = self.step_dir(step)

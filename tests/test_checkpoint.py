@@ -216,6 +216,28 @@ def test_mismatch_error_names_the_config_keys_that_differ(tmp_path):
   assert "differs" not in str(err.value)
 
 
+def test_resume_under_a_changed_config_warns_naming_the_keys(tmp_path, caplog):
+  """A resumed run whose settings changed (e.g. a loss term switched on) restores, and is told which keys changed:
+  its optimizer state was built under the old ones. Read-only readers (PPO reading the SFT run) are not."""
+  saved = ml_collections.ConfigDict({"ppo": {"sft_coef": 0.0, "lr": 1e-3}})
+  with Checkpointer(tmp_path, async_save=False, config=saved) as ck:
+    ck.save(1, params={"kernel": jnp.ones((4,))}, force=True)
+  target = {"kernel": jax.ShapeDtypeStruct((4,), jnp.float32)}
+  now = ml_collections.ConfigDict({"ppo": {"sft_coef": 0.5, "lr": 1e-3}})
+
+  def warnings_after(**kw):
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gea_jax.checkpoint"):
+      with Checkpointer(tmp_path, **kw) as ck:
+        assert ck.restore_latest(target).step == 1
+    return [r.getMessage() for r in caplog.records if r.name == "gea_jax.checkpoint" and r.levelno == logging.WARNING]
+
+  (msg,) = warnings_after(config=now)
+  assert "ppo.sft_coef: saved 0.0, now 0.5" in msg and "ppo.lr" not in msg and "step 1" in msg
+  assert warnings_after(config=saved) == []
+  assert warnings_after(config=now, read_only=True) == []
+
+
 def test_unreadable_directory_errors_name_the_path(tmp_path):
   with pytest.raises(CheckpointError, match=str(tmp_path / "nothing")):
     Checkpointer(tmp_path / "nothing", read_only=True)
