@@ -132,10 +132,18 @@ def instructions_of(env, states, n: int) -> list[str]:
 
 
 @functools.lru_cache(maxsize=32)
-def _jitted_env_fns(env, split: str):
+def jitted_env_fns(env, split: str):
+  """(reset, step) of ``env``, vmapped over episodes and jitted (cached per env and split): reset(keys) draws the
+  split's tasks, step(states, actions) advances every episode."""
   reset = jax.jit(jax.vmap(functools.partial(env.reset, task_split=split)))
   step = jax.jit(jax.vmap(env.step))
   return reset, step
+
+
+def evaluation_resets(env, split: str, seed: int, num_episodes: int):
+  """The first states of `evaluate_embodiment`'s episodes for ``seed`` (to replay or inspect them)."""
+  reset, _ = jitted_env_fns(env, split)
+  return reset(jax.random.split(jax.random.fold_in(jax.random.key(seed), 0), num_episodes))
 
 
 def evaluate_embodiment(model, ctx: AgentContext, name: str, *, num_episodes: int, split: str, seed: int,
@@ -153,9 +161,9 @@ def evaluate_embodiment(model, ctx: AgentContext, name: str, *, num_episodes: in
   from gea_jax.envs import registry
   env = registry.make(name)
   e = ctx.index(name)
-  reset, env_step = _jitted_env_fns(env, split)
+  _, env_step = jitted_env_fns(env, split)
   key = jax.random.key(seed)
-  states = reset(jax.random.split(jax.random.fold_in(key, 0), num_episodes))
+  states = evaluation_resets(env, split, seed, num_episodes)
   text_ids, text_mask = text_prompts(ctx, e, instructions_of(env, states, num_episodes))
   text_ids, text_mask = jnp.asarray(text_ids), jnp.asarray(text_mask)
   model = merged_copy(model)  # the parameters are fixed here: fold the LoRA adapters once (the model is untouched)

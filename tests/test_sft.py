@@ -227,9 +227,10 @@ def test_evaluation_is_deterministic(assets):
   assert all((steps[live] == t).all() for t, steps, _, live, _ in seen)
   assert sum(int(live.sum()) for _, _, _, live, _ in seen) == round(4 * runs[0]["mean_length"])
   from gea_jax.envs import registry
-  from gea_jax.eval import _jitted_env_fns
-  reset, step = _jitted_env_fns(registry.make("grid_goto"), "heldout_seed")
-  states = reset(jax.random.split(jax.random.fold_in(jax.random.key(3), 0), 4))
+  from gea_jax.eval import evaluation_resets, jitted_env_fns
+  env = registry.make("grid_goto")
+  _, step = jitted_env_fns(env, "heldout_seed")
+  states = evaluation_resets(env, "heldout_seed", 3, 4)
   success, moved = np.zeros(4, bool), 0
   for _, _, action, live, position in seen:  # each step starts where the recorded actions lead
     np.testing.assert_array_equal(np.asarray(states.inner["agent"].position)[live], position[live])

@@ -354,28 +354,18 @@ def test_continued_episodes_equal_one_longer_rollout(assets):
     cont(model, pool, n, jax.random.key(0), mask_table)
 
 
-def test_evaluation_with_text_prefix_cache_is_unchanged(assets, monkeypatch):
+def test_evaluation_with_text_prefix_cache_is_unchanged(assets):
   """Same results and the same actions at every step with the text cached once as with the whole prompt."""
   from gea_jax import eval as ev
   _, ctx, model = _setup(assets, "full")
   actions = []
-  jitted = ev._jitted_env_fns
-
-  def recording(env, split):
-    reset, step = jitted(env, split)
-
-    def rec_step(states, action):
-      actions[-1].append(np.asarray(action))
-      return step(states, action)
-    return reset, rec_step
-
-  monkeypatch.setattr(ev, "_jitted_env_fns", recording)
   for greedy in (True, False):
     runs = []
     for prefix in (True, False):
       actions.append([])
       runs.append(ev.evaluate_embodiment(model, ctx, "grid_goto", num_episodes=4, split="heldout_seed", seed=3,
-                                         greedy=greedy, text_prefix=prefix))
+                                         greedy=greedy, text_prefix=prefix,
+                                         on_step=lambda t, states, action, live: actions[-1].append(np.asarray(action))))
     assert runs[0] == runs[1], (greedy, runs)
     a, b = actions[-2], actions[-1]
     assert len(a) == len(b) > 1 and len(np.unique(np.stack(a))) > 1  # the policy does not act constantly
