@@ -35,7 +35,10 @@ deleted array file, damaged metadata) it logs an error naming the step and path 
 one; if an older step restores with the same targets, the failed steps are moved to
 ``checkpoints_corrupt/`` (kept for inspection, never reused). If no step restores, it raises
 ``CheckpointError`` and moves nothing: the failure is then more likely a mismatch between the targets and
-the checkpoint than corruption.
+the checkpoint than corruption; its message then names the config keys that differ from the saved run's.
+A run that restores under a config differing from the one the step was saved with (e.g. a loss term switched
+on, more iterations) resumes, with a warning naming the keys: its optimizer state was built under the old
+settings (Adam's moments are zero for parameters the saved run never moved).
 
 Non-finite losses: trainers call ``gea_jax.train.loop_utils.check_finite`` before saving; as a safety net
 ``save`` refuses an ``extra`` whose "loss" (or "*/loss", "*_loss") is NaN/inf, so the last checkpoint on
