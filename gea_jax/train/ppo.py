@@ -137,9 +137,12 @@ def ppo_defaults() -> ml_collections.ConfigDict:
   # unit scale and follow as if it were signal (no measurable effect on sft_vs_ppo at 40 iterations: docs/benchmarks.md)
   c.skip_flat_reward = True
   # GEA's joint SFT + RL: > 0 adds sft_coef x the SFT cross-entropy on a batch of expert data to every update
-  # (keeps what SFT learned where PPO's batches are small or its reward says little)
+  # (keeps what SFT learned where PPO's batches are small or its reward says little). The expert batch is drawn once
+  # per iteration and reused by every minibatch step: 128 (16 until session 19): at lr 1e-3 a 16-sequence batch
+  # raised the SFT loss it was meant to hold (0.9 -> 1.4 in 25 iterations, reacher 89% -> 77%), 128 held it
+  # (docs/benchmarks.md, session 19)
   c.sft_coef = 0.0
-  c.sft_batch_size = 16
+  c.sft_batch_size = 128
   c.value_warmup_iterations = 2 # first iterations train the value head alone (the policy is left unchanged)
   # after the warm-up: scale of the value loss's gradient into the shared trunk (LoRA, vision, projector); 0 = the
   # value head trains alone on the policy's features. 0 (1 until session 13): fitting reacher's value reshaped the
