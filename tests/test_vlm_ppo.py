@@ -578,6 +578,26 @@ def test_validate_names_the_bad_key():
   assert ppo.critic_fit_settings(ml_collections.ConfigDict({"critic": "privileged"})) == (1e-3, 8)
 
 
+def test_sft_embodiments_choose_the_expert_batch_and_are_validated(assets):
+  """``ppo.sft_embodiments`` names the bodies of the joint SFT loss's expert batch ("" = all the agent knows); a body
+  the agent does not know is refused naming the key, in ``validate`` and where the learner's iterator is built."""
+  from gea_jax.config_validation import ConfigError
+  from gea_jax.train import sft
+  config, ctx, _ = _setup(assets, "full", history=1)
+  assert ppo.sft_embodiment_names(config.ppo, list(ctx.names)) == list(ctx.names)
+  config.ppo.sft_embodiments = "reacher"
+  names = ppo.sft_embodiment_names(config.ppo, list(ctx.names))
+  assert names == ["reacher"]
+  batch = next(sft.make_iterator(config, ctx, assets["data_dir"], names, batch_size=8, seed=1))
+  assert set(np.unique(batch["embodiment_id"]).tolist()) == {ctx.index("reacher")}
+  config.sft.tokenizer_artifact, config.data.data_dir = "artifact", "data"
+  config.ppo.sft_coef, config.ppo.sft_embodiments = 0.5, "reacher,halfcheetah"
+  with pytest.raises(ConfigError, match="ppo.sft_embodiments: names a body the agent does not know.*'halfcheetah'"):
+    ppo.validate(config)
+  with pytest.raises(ConfigError, match="ppo.sft_embodiments"):
+    ppo.sft_embodiment_names(config.ppo, list(ctx.names))
+
+
 def test_grad_accum_takes_one_step_on_the_mean_gradient():
   """``ppo.grad_accum`` k: the first k-1 minibatches' updates are zero and the k-th is the plain optimizer's step on
   the mean of the k gradients; its state places on a mesh like Adam's; k must divide ``ppo.num_minibatches``."""

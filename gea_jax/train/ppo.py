@@ -143,6 +143,8 @@ def ppo_defaults() -> ml_collections.ConfigDict:
   # (docs/benchmarks.md, session 19)
   c.sft_coef = 0.0
   c.sft_batch_size = 128
+  # the bodies whose expert data makes that batch, "a,b" ("" = every body the agent knows, not only those PPO acts in)
+  c.sft_embodiments = ""
   c.value_warmup_iterations = 2 # first iterations train the value head alone (the policy is left unchanged)
   # after the warm-up: scale of the value loss's gradient into the shared trunk (LoRA, vision, projector); 0 = the
   # value head trains alone on the policy's features. 0 (1 until session 13): fitting reacher's value reshaped the
@@ -246,6 +248,7 @@ def validate(config) -> None:
     cv.positive(config, f"{p}.{k}")
   if float(config.ppo.get("sft_coef", 0.0)) > 0:
     cv.positive(config, f"{p}.sft_batch_size")
+    sft_embodiment_names(config.ppo, [e for e in str(config.data.embodiments).split(",") if e])
   for k in ("grad_clip", "value_clip_eps", "vf_coef", "entropy_coef", "kl_coef", "reward_scaling",
             "value_warmup_iterations", "sft_coef"):
     cv.positive(config, f"{p}.{k}", allow_zero=True)
@@ -325,6 +328,16 @@ def check_envs_split(num_envs: int, rules, shape_of: dict[str, int]) -> None:
 def embodiment_names(config) -> list[str]:
   s = str(config.ppo.embodiments or config.data.embodiments)
   return [e for e in s.split(",") if e]
+
+
+def sft_embodiment_names(p, known: Sequence[str]) -> list[str]:
+  """The bodies of the joint SFT loss's expert batch: ``ppo.sft_embodiments`` ("" = all of ``known``, the agent's),
+  each checked to be one the agent knows."""
+  names = [e for e in str(p.get("sft_embodiments", "") or "").split(",") if e] or list(known)
+  for e in names:
+    cv.require(e in known, "ppo.sft_embodiments", f"names a body the agent does not know (it knows {list(known)})",
+               e)
+  return names
 
 
 # --- the learner ---------------------------------------------------------------------------------------
@@ -806,8 +819,9 @@ def train(config, workdir: str, model: AgentModel, ctx: AgentContext, embodiment
     data_dir = data_dir or str(config.data.data_dir)
     if not data_dir:
       raise ValueError("ppo.sft_coef > 0 needs the expert datasets: pass data_dir or set data.data_dir")
-    # expert data of every embodiment the agent knows, not only those PPO acts in: it keeps what SFT taught
-    sft_iterator = sft_lib.make_iterator(config, ctx, data_dir, list(ctx.names), batch_size=int(p.sft_batch_size),
+    # by default expert data of every embodiment the agent knows, not only those PPO acts in: it keeps what SFT taught
+    sft_iterator = sft_lib.make_iterator(config, ctx, data_dir, sft_embodiment_names(p, list(ctx.names)),
+                                         batch_size=int(p.sft_batch_size),
                                          seed=int(config.seed) + 1)
   learner = VlmPPO(p, ctx, model, wrt, names, seed=int(config.seed), sft_iterator=sft_iterator, mesh=mesh,
                    rules=rules)
