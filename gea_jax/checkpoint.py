@@ -38,7 +38,7 @@ one; if an older step restores with the same targets, the failed steps are moved
 the checkpoint than corruption; its message then names the config keys that differ from the saved run's.
 A run that restores under a config differing from the one the step was saved with (e.g. a loss term switched
 on, more iterations) resumes, with a warning naming the keys: its optimizer state was built under the old
-settings (Adam's moments are zero for parameters the saved run never moved).
+settings (e.g. Adam's moments are zero for parameters the saved run never moved).
 
 Non-finite losses: trainers call ``gea_jax.train.loop_utils.check_finite`` before saving; as a safety net
 ``save`` refuses an ``extra`` whose "loss" (or "*/loss", "*_loss") is NaN/inf, so the last checkpoint on
@@ -558,8 +558,8 @@ class Checkpointer:
     raise CheckpointError(f"no checkpoint in {self.directory} could be restored ({details}){hint}")
 
   def _warn_changed_config(self, restored: RestoredState):
-    """A run resumed under other settings than it saved with continues, but its optimizer state (e.g. Adam's
-    moments, zero for parameters the saved run never moved) was accumulated under the old ones: say which."""
+    """A run resumed under other settings than it saved with continues, but its optimizer state was accumulated
+    under the old ones (e.g. Adam's moments are zero for parameters the saved run never moved): say which."""
     if self.read_only or not (restored.config and self._config):
       return
     diffs = config_differences(restored.config, self._config)

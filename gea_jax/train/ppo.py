@@ -248,7 +248,8 @@ def validate(config) -> None:
     cv.positive(config, f"{p}.{k}")
   if float(config.ppo.get("sft_coef", 0.0)) > 0:
     cv.positive(config, f"{p}.sft_batch_size")
-    sft_embodiment_names(config.ppo, [e for e in str(config.data.embodiments).split(",") if e])
+    from gea_jax.train.pipeline import embodiment_names as data_embodiments
+    sft_embodiment_names(config.ppo, data_embodiments(config))
   for k in ("grad_clip", "value_clip_eps", "vf_coef", "entropy_coef", "kl_coef", "reward_scaling",
             "value_warmup_iterations", "sft_coef"):
     cv.positive(config, f"{p}.{k}", allow_zero=True)
