@@ -13,7 +13,7 @@ from gea_jax.rl.brax_env import BraxVecEnv
 from gea_jax.rl.distributions import Categorical, TanhNormal
 from gea_jax.rl.losses import clipped_surrogate_loss, ppo_loss, value_loss
 from gea_jax.rl.networks import ActorCritic
-from gea_jax.rl.ppo import PPO, PPOConfig, episode_summary
+from gea_jax.rl.ppo import PPO, PPOConfig, episode_summary, sgd_epochs
 from gea_jax.rl.toy_envs import PointMass
 
 # --- losses -------------------------------------------------------------------------------------------
@@ -46,6 +46,30 @@ def test_value_loss_clipped_and_unclipped():
   # sample 0: clipped branch wins (pred frozen at old+eps) -> 0 ; sample 1: unclipped -> (3 - 0) / 3 ;
   # sample 2: both equal (within clip) -> gradient of the shared value (0 - 1) / 3.
   np.testing.assert_allclose(np.asarray(g), [0.0, 1.0, -1 / 3], rtol=1e-5, atol=1e-7)
+
+
+def test_sgd_epochs_passes_each_step_its_own_per_step_slice_in_order():
+  """``per_step`` leaves ``[num_epochs, num_minibatches, ...]``: step (e, m) gets slice [e, m], in that order (the
+  slices are not shuffled). With loss 0.5 (w - x)^2 and SGD at lr 0.5 each step sets w to (w + x) / 2, so the result
+  depends on the order; wrongly shaped slices are refused naming both shapes."""
+  import optax
+  xs = jnp.arange(6.0).reshape(2, 3) + 1.0  # 2 epochs x 3 minibatches
+
+  def loss_fn(w, mb, key, x):
+    del key
+    loss = 0.5 * jnp.square(w - x) + 0.0 * jnp.sum(mb)
+    return loss, {"x": x}
+
+  w, _, metrics = sgd_epochs(loss_fn, optax.sgd(0.5), jnp.float32(0.0), optax.sgd(0.5).init(jnp.float32(0.0)),
+                             jnp.zeros(6), jax.random.key(0), num_epochs=2, num_minibatches=3, per_step=xs)
+  expect = 0.0
+  for x in np.asarray(xs).reshape(-1):
+    expect = (expect + x) / 2
+  np.testing.assert_allclose(float(w), expect, rtol=1e-6)
+  np.testing.assert_allclose(float(metrics["x"]), 3.5)
+  with pytest.raises(ValueError, match=r"per_step leaves must start with \(num_epochs, num_minibatches\)"):
+    sgd_epochs(loss_fn, optax.sgd(0.5), jnp.float32(0.0), optax.sgd(0.5).init(jnp.float32(0.0)), jnp.zeros(6),
+               jax.random.key(0), num_epochs=3, num_minibatches=2, per_step=xs)
 
 
 def test_ppo_loss_combines_terms():

@@ -598,6 +598,47 @@ def test_sft_embodiments_choose_the_expert_batch_and_are_validated(assets):
     ppo.sft_embodiment_names(config.ppo, list(ctx.names))
 
 
+def test_joint_sft_batch_per_step_gives_each_adam_step_its_own_expert_batch(assets):
+  """``ppo.sft_batch_per_step`` (default): the update draws num_epochs x num_minibatches expert batches, one per
+  Adam step. Fed the same batch for every step it equals the one-batch-per-iteration update (so the batches reach
+  the loss where the single batch did); fed distinct batches it differs from that, and it consumed one per step."""
+  from gea_jax.train import sft
+  config, ctx, _ = _setup(assets, "full", history=1)
+  p = config.ppo
+  p.train_mode, p.sft_coef, p.sft_batch_size, p.value_warmup_iterations = "lora", 0.5, 4, 0
+  p.num_epochs, p.num_minibatches = 2, 2
+  it = sft.make_iterator(config, ctx, assets["data_dir"], list(ctx.names), batch_size=4, seed=1)
+  batches = [next(it) for _ in range(5)]
+
+  def updated(per_step: bool, feed: list, trajs=None):
+    _, _, model = _setup(assets, "full", history=1)
+    p.sft_batch_per_step = per_step
+    wrt, _ = ppo.prepare_model(model, config)
+    feed_it = iter(feed)
+    learner = ppo.VlmPPO(p, ctx, model, wrt, ["grid_goto"], seed=0, sft_iterator=feed_it)
+    if trajs is None:
+      trajs = learner.collect(0)[:2]
+    metrics = learner.update(1, *trajs)
+    return _flat(learner.sync()), metrics, trajs, feed_it
+
+  single, m_single, trajs, _ = updated(False, batches[:1])
+  same, m_same, _, _ = updated(True, batches[:1] * 4, trajs)
+  for k in single:
+    np.testing.assert_allclose(same[k], single[k], rtol=1e-4, atol=2e-6, err_msg=k)  # float rounding via Adam
+  np.testing.assert_allclose(m_same["sft_loss"], m_single["sft_loss"], rtol=1e-5)
+  fresh, m_fresh, _, rest = updated(True, batches, trajs)
+  assert next(rest) is batches[4]  # four batches drawn, one per Adam step
+  moved = max(float(np.max(np.abs(fresh[k] - single[k]))) for k in single if "lora" in k)
+  assert moved > 1e-4, moved
+  assert m_fresh["sft_loss"] != m_single["sft_loss"]
+  config.sft.tokenizer_artifact, config.data.data_dir = "artifact", "data"
+  del p.sft_batch_per_step  # ConfigDict's type safety refuses an int here; a config built otherwise may not
+  p.sft_batch_per_step = 1
+  from gea_jax.config_validation import ConfigError
+  with pytest.raises(ConfigError, match="ppo.sft_batch_per_step: must be of type bool"):
+    ppo.validate(config)
+
+
 def test_grad_accum_takes_one_step_on_the_mean_gradient():
   """``ppo.grad_accum`` k: the first k-1 minibatches' updates are zero and the k-th is the plain optimizer's step on
   the mean of the k gradients; its state places on a mesh like Adam's; k must divide ``ppo.num_minibatches``."""

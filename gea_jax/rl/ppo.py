@@ -92,11 +92,14 @@ class PPOConfig:
 
 def sgd_epochs(loss_fn: Callable, optimizer: optax.GradientTransformation, params: Any, opt_state: Any,
                data: Any, key: jax.Array, *, num_epochs: int, num_minibatches: int,
-               shuffle_blocks: int = 1) -> tuple[Any, Any, dict]:
+               shuffle_blocks: int = 1, per_step: Any = None) -> tuple[Any, Any, dict]:
   """``num_epochs`` passes of ``num_minibatches`` updates over ``data`` (leaves ``[N, ...]``).
 
   ``loss_fn(params, minibatch, key) -> (loss, metrics)``. Each epoch shuffles samples within each of
   ``shuffle_blocks`` contiguous blocks; minibatch ``m`` takes the ``m``-th slice of every block.
+  ``per_step``: None, or a tree with leaves ``[num_epochs, num_minibatches, ...]`` that is not shuffled: step
+  ``(e, m)`` passes its slice as a fourth argument, ``loss_fn(params, minibatch, key, step_data)`` (e.g. a fresh
+  batch of other data for each step).
   Returns updated ``(params, opt_state, mean metrics)``.
   """
   n = jax.tree.leaves(data)[0].shape[0]
@@ -111,22 +114,31 @@ def sgd_epochs(loss_fn: Callable, optimizer: optax.GradientTransformation, param
     x = jnp.swapaxes(x, 0, 1)
     return x.reshape((num_minibatches, shuffle_blocks * per_mb) + x.shape[3:])
 
+  if per_step is not None:
+    for x in jax.tree.leaves(per_step):
+      if x.shape[:2] != (num_epochs, num_minibatches):
+        raise ValueError(f"sgd_epochs: per_step leaves must start with (num_epochs, num_minibatches) = "
+                         f"({num_epochs}, {num_minibatches}), got shape {x.shape}")
+
   def minibatch_step(carry, xs):
     params, opt_state = carry
-    mb, k = xs
-    (_, metrics), grads = grad_fn(params, mb, k)
+    mb, k, extra = xs
+    args = (params, mb, k) if per_step is None else (params, mb, k, extra)
+    (_, metrics), grads = grad_fn(*args)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
     return (params, opt_state), metrics
 
-  def epoch(carry, k):
+  def epoch(carry, xs):
+    k, extra = xs
     k_perm, k_loss = jax.random.split(k)
     perms = jax.vmap(lambda kk: jax.random.permutation(kk, per_block))(jax.random.split(k_perm, shuffle_blocks))
     mbs = jax.tree.map(lambda x: to_minibatches(x, perms), data)
-    return jax.lax.scan(minibatch_step, carry, (mbs, jax.random.split(k_loss, num_minibatches)))
+    return jax.lax.scan(minibatch_step, carry, (mbs, jax.random.split(k_loss, num_minibatches), extra))
 
-  (params, opt_state), metrics = jax.lax.scan(epoch, (params, opt_state), jax.random.split(key, num_epochs))
+  (params, opt_state), metrics = jax.lax.scan(epoch, (params, opt_state),
+                                              (jax.random.split(key, num_epochs), per_step))
   return params, opt_state, jax.tree.map(jnp.mean, metrics)
 
 

@@ -137,12 +137,15 @@ def ppo_defaults() -> ml_collections.ConfigDict:
   # unit scale and follow as if it were signal (no measurable effect on sft_vs_ppo at 40 iterations: docs/benchmarks.md)
   c.skip_flat_reward = True
   # GEA's joint SFT + RL: > 0 adds sft_coef x the SFT cross-entropy on a batch of expert data to every update
-  # (keeps what SFT learned where PPO's batches are small or its reward says little). The expert batch is drawn once
-  # per iteration and reused by every minibatch step: 128 (16 until session 19): at lr 1e-3 a 16-sequence batch
-  # raised the SFT loss it was meant to hold (0.9 -> 1.4 in 25 iterations, reacher 89% -> 77%), 128 held it
-  # (docs/benchmarks.md, session 19)
+  # (keeps what SFT learned where PPO's batches are small or its reward says little). Batch size 128 (16 until
+  # session 19): at lr 1e-3 one 16-sequence batch per iteration raised the SFT loss it was meant to hold (0.9 -> 1.4
+  # in 25 iterations, reacher 89% -> 77%), 128 held it (docs/benchmarks.md, session 19)
   c.sft_coef = 0.0
   c.sft_batch_size = 128
+  # True: a fresh expert batch for each Adam step of the update (num_epochs x num_minibatches batches per
+  # iteration; fetching them costs ~0.3 s per iteration at 8 x 128 sequences); False: one batch per iteration,
+  # reused by all of its steps (sessions 18-19's runs)
+  c.sft_batch_per_step = True
   # the bodies whose expert data makes that batch, "a,b" ("" = every body the agent knows, not only those PPO acts in)
   c.sft_embodiments = ""
   c.value_warmup_iterations = 2 # first iterations train the value head alone (the policy is left unchanged)
@@ -250,6 +253,8 @@ def validate(config) -> None:
     cv.positive(config, f"{p}.sft_batch_size")
     from gea_jax.train.pipeline import embodiment_names as data_embodiments
     sft_embodiment_names(config.ppo, data_embodiments(config))
+    if "sft_batch_per_step" in config.ppo:
+      cv.check_type(config, f"{p}.sft_batch_per_step", bool)
   for k in ("grad_clip", "value_clip_eps", "vf_coef", "entropy_coef", "kl_coef", "reward_scaling",
             "value_warmup_iterations", "sft_coef"):
     cv.positive(config, f"{p}.{k}", allow_zero=True)
@@ -434,6 +439,7 @@ class VlmPPO:
     self.mesh = mesh if mesh is not None else sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     self.rules = tuple(rules)
     self.sft_iterator = sft_iterator
+    self.sft_batch_per_step = bool(p.get("sft_batch_per_step", True))
     self.names = list(embodiments)
     self.ids = [ctx.index(n) for n in self.names]
     self.envs = make_envs(p, self.names)
@@ -564,7 +570,9 @@ class VlmPPO:
       err = data["target"] - data["old_value"]
       value_metrics[f"{name}/value_explained_variance"] = 1.0 - mean(jnp.square(err - mean(err))) / jnp.maximum(
           var_t, 1e-12)
-    if sft_batch is not None:
+    # the expert batch: one for every step ([B, ...]), or one per step ([num_epochs, num_minibatches, B, ...])
+    per_step = sft_batch if sft_batch is not None and self.sft_batch_per_step else None
+    if sft_batch is not None and per_step is None:
       sft_batch = fill_action_ids(self.ctx.vocab, L, sft_batch)
     kl_coef = float(p.kl_coef)
     cand = candidate_ids(self.ctx.vocab.mask_table)  # logits over the action ids only (see action_scores)
@@ -580,7 +588,7 @@ class VlmPPO:
       ref_metrics = dict(ref_entropy=jnp.mean(ref_entropy),
                          **self._per_embodiment("ref_entropy", ref_entropy, data["embodiment_id"]))
 
-    def loss_fn(params, mb, _key):
+    def loss_fn(params, mb, _key, step_sft_batch=None):
       mb = jax.tree.map(self._on_batch, mb)
       model = nnx.merge(graphdef, params, rest)
       logp_tok, ent_tok, value, _ = action_scores(model, L, mb, mask_table, value_trunk_grad=policy_weight * trunk_grad,
@@ -601,7 +609,9 @@ class VlmPPO:
         policy_terms = policy_terms + kl_coef * kl
         m.update(kl_to_sft=kl, **self._per_embodiment("kl_to_sft", kl_rows, mb["embodiment_id"]))
       if sft_batch is not None:
-        sl, _ = sft_loss(model, L, sft_batch, mask_table, candidate_ids=cand)
+        expert = sft_batch if step_sft_batch is None else fill_action_ids(
+            self.ctx.vocab, L, jax.tree.map(self._on_batch, step_sft_batch))
+        sl, _ = sft_loss(model, L, expert, mask_table, candidate_ids=cand)
         policy_terms = policy_terms + float(p.sft_coef) * sl
         m.update(sft_loss=sl)
       if self.privileged:  # the critic is fitted on its own below; the agent's value head is left as it is
@@ -613,7 +623,8 @@ class VlmPPO:
       return total, m
 
     params, opt_state, metrics = sgd_epochs(loss_fn, self.tx, params, opt_state, data, key,
-                                            num_epochs=int(p.num_epochs), num_minibatches=int(p.num_minibatches))
+                                            num_epochs=int(p.num_epochs), num_minibatches=int(p.num_minibatches),
+                                            per_step=per_step)
     metrics.update(ref_metrics)
     metrics.update(value_metrics)
     if critic_state is not None:
@@ -705,10 +716,19 @@ class VlmPPO:
     return out
 
   def _sft_batch(self):
+    """The update's expert data: one batch, or (``ppo.sft_batch_per_step``) one per Adam step, stacked as
+    ``[num_epochs, num_minibatches, B, ...]``."""
     if self.sft_iterator is None:
       return None
-    from gea_jax.train.sft import device_batch
-    return device_batch(next(self.sft_iterator), self.mesh)
+    from gea_jax.train.sft import device_batch, model_arrays
+    if not self.sft_batch_per_step:
+      return device_batch(next(self.sft_iterator), self.mesh)
+    e, m = int(self.p.num_epochs), int(self.p.num_minibatches)
+    batches = [model_arrays(next(self.sft_iterator)) for _ in range(e * m)]
+    stacked = {k: np.stack([b[k] for b in batches]).reshape((e, m) + batches[0][k].shape) for k in batches[0]}
+    return {k: jax.make_array_from_process_local_data(
+        NamedSharding(self.mesh, PartitionSpec(None, None, *sharding.batch_sharding(self.mesh, x.ndim - 2).spec)), x)
+        for k, x in stacked.items()}
 
   def episode_arrays(self) -> dict | None:
     """The running episodes as a checkpointable tree ({embodiment: {leaf index: array}}; PRNG keys as their
