@@ -626,6 +626,12 @@ def test_joint_sft_batch_per_step_gives_each_adam_step_its_own_expert_batch(asse
   for k in single:
     np.testing.assert_allclose(same[k], single[k], rtol=1e-4, atol=2e-6, err_msg=k)  # float rounding via Adam
   np.testing.assert_allclose(m_same["sft_loss"], m_single["sft_loss"], rtol=1e-5)
+  # <body>/sft_loss: each body's mean over its action tokens; weighted by those tokens they make the batch's loss
+  loss_mask = batches[0]["loss_mask"][:, np.asarray(ctx.layout.slots()["logit_pos"])]
+  tokens = {n: float(loss_mask[batches[0]["embodiment_id"] == ctx.index(n)].sum()) for n in ctx.names}
+  assert all(tokens.values()) and {f"{n}/sft_loss" for n in ctx.names} == {k for k in m_single if k.endswith("/sft_loss")}
+  combined = sum(tokens[n] * m_single[f"{n}/sft_loss"] for n in ctx.names) / sum(tokens.values())
+  np.testing.assert_allclose(combined, m_single["sft_loss"], rtol=1e-5)
   fresh, m_fresh, _, rest = updated(True, batches, trajs)
   assert next(rest) is batches[4]  # four batches drawn, one per Adam step
   moved = max(float(np.max(np.abs(fresh[k] - single[k]))) for k in single if "lora" in k)

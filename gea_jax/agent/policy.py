@@ -91,8 +91,12 @@ def action_scores(model, layout: PromptLayout, batch, mask_table, value_trunk_gr
   return logp, entropy, value, greedy
 
 
-def sft_loss(model, layout: PromptLayout, batch, mask_table, candidate_ids=None, grounding_weight: float = 0.0):
+def sft_loss(model, layout: PromptLayout, batch, mask_table, candidate_ids=None, grounding_weight: float = 0.0,
+             per_row: bool = False):
   """Cross-entropy on the action tokens only. Returns (loss, metrics). candidate_ids: see `action_scores`.
+
+  per_row: metrics also hold ``row_nll`` [b] (each sequence's summed negative log-likelihood) and ``row_tokens`` [b]
+  (its action tokens), for losses per group of rows (e.g. per embodiment).
 
   grounding_weight > 0: plus that times `gea_jax.agent.grounding.grounding_loss` on the same forward pass (needs
   the model's grounding head and ``batch["target_point"]``); metrics then also hold action_loss, grounding_loss and
@@ -111,6 +115,8 @@ def sft_loss(model, layout: PromptLayout, batch, mask_table, candidate_ids=None,
   tgt = batch["targets"][:, jnp.asarray(slots["logit_pos"])]
   acc = jnp.sum((greedy == tgt) * lm) / denom
   metrics = {"loss": loss, "token_accuracy": acc}
+  if per_row:
+    metrics.update(row_nll=-jnp.sum(logp * lm, 1), row_tokens=jnp.sum(lm, 1))
   if grounding_weight:
     g_loss, g_acc = grounding_loss(model, layout, hidden, batch["target_point"])
     metrics.update(action_loss=loss, grounding_loss=g_loss, grounding_accuracy=g_acc)

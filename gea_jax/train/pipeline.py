@@ -44,7 +44,7 @@ def validate(config) -> None:
     cv.require(s in ("train", "heldout_seed", "heldout_combo"), "eval.splits",
                "entries must be train / heldout_seed / heldout_combo", s)
   from gea_jax.envs import registry
-  names = [e for e in str(config.data.embodiments).split(",") if e]
+  names = embodiment_names(config)
   cv.require(bool(names), "data.embodiments", "must name at least one embodiment")
   for e in names:
     cv.require(e in registry.names(), "data.embodiments", f"unknown embodiment (known: {', '.join(registry.names())})", e)
@@ -56,6 +56,7 @@ def validate(config) -> None:
 
 
 def embodiment_names(config) -> list[str]:
+  """``data.embodiments`` ("a,b") as a list of names."""
   return [e for e in str(config.data.embodiments).split(",") if e]
 
 

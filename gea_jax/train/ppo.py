@@ -440,6 +440,8 @@ class VlmPPO:
     self.rules = tuple(rules)
     self.sft_iterator = sft_iterator
     self.sft_batch_per_step = bool(p.get("sft_batch_per_step", True))
+    self.sft_names = list(sft_embodiment_names(p, list(ctx.names))) if sft_iterator is not None else []
+    self.sft_ids = [ctx.index(n) for n in self.sft_names]
     self.names = list(embodiments)
     self.ids = [ctx.index(n) for n in self.names]
     self.envs = make_envs(p, self.names)
@@ -611,9 +613,13 @@ class VlmPPO:
       if sft_batch is not None:
         expert = sft_batch if step_sft_batch is None else fill_action_ids(
             self.ctx.vocab, L, jax.tree.map(self._on_batch, step_sft_batch))
-        sl, _ = sft_loss(model, L, expert, mask_table, candidate_ids=cand)
+        sl, sm = sft_loss(model, L, expert, mask_table, candidate_ids=cand, per_row=True)
         policy_terms = policy_terms + float(p.sft_coef) * sl
         m.update(sft_loss=sl)
+        for name, e in zip(self.sft_names, self.sft_ids):  # each body's rows of the expert batch (see `update`)
+          rows = (expert["embodiment_id"] == e).astype(jnp.float32)
+          m[f"{name}/sft_nll_sum"] = jnp.sum(rows * sm["row_nll"])
+          m[f"{name}/sft_tokens"] = jnp.sum(rows * sm["row_tokens"])
       if self.privileged:  # the critic is fitted on its own below; the agent's value head is left as it is
         total = policy_weight * policy_terms
         del m["value_loss"]
@@ -698,7 +704,12 @@ class VlmPPO:
       self.params, self.opt_state, self.critic_state, metrics = self._update(
           self.params, self.opt_state, self.rest, self.ref_params, trajs, boots, jax.random.fold_in(key, 99),
           self.mask_table, policy_weight, self._sft_batch(), self.critic_state)
-    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+    out = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    for name in self.sft_names:  # <body>/sft_loss: the body's summed NLL over its action tokens in the update's batches
+      nll, tokens = out.pop(f"{name}/sft_nll_sum"), out.pop(f"{name}/sft_tokens")
+      if tokens > 0:
+        out[f"{name}/sft_loss"] = nll / tokens
+    return out
 
   def iteration(self, it: int) -> dict[str, float]:
     """One PPO iteration (collect every embodiment, update); returns host metrics, with the wall time of each half
