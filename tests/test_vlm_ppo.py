@@ -503,6 +503,8 @@ def test_lora_ppo_on_grid_goto_changes_only_lora_and_resumes_exactly(assets, tmp
   config.ppo.train_mode, config.ppo.critic = "lora", critic
   config.ppo.sft_coef = sft_coef
   config.ppo.sft_batch_size = 8
+  # the joint-loss case also decays the learning rate: the schedule's step count is resumed with Adam's state
+  config.ppo.lr_decay = "linear" if sft_coef else "constant"
   config.ppo.num_envs, config.ppo.unroll_length = 8, 2  # one env per device
   config.data.data_dir = assets["data_dir"]
   res = ppo.train(config, str(tmp_path / "full"), model, ctx, ["grid_goto"])
@@ -676,6 +678,36 @@ def test_grad_accum_takes_one_step_on_the_mean_gradient():
   c.ppo.grad_accum = 0
   with pytest.raises(ConfigError, match="ppo.grad_accum: must be a positive int"):
     ppo.make_optimizer(c.ppo)
+
+
+@pytest.mark.parametrize("decay", ["constant", "linear", "cosine"])
+def test_lr_decay_shrinks_adams_steps_to_zero_over_the_run(decay):
+  """Under a constant gradient Adam's bias-corrected step is exactly its learning rate: step t of a run of
+  ``iterations x num_epochs x num_minibatches / grad_accum`` Adam steps is lr, lr (1 - t / T) or lr (1 + cos(pi t / T))
+  / 2; the checkpointed optimizer state places on a mesh; an unknown ``ppo.lr_decay`` is refused naming it."""
+  from gea_jax import sharding
+  from gea_jax.config_validation import ConfigError
+  p = ppo.ppo_defaults()
+  p.lr, p.lr_decay, p.grad_clip = 1e-2, decay, 0.0
+  p.iterations, p.num_epochs, p.num_minibatches, p.grad_accum = 3, 2, 4, 2  # T = 12 Adam steps
+  params = {"w": jnp.zeros((2, 3))}
+  tx = ppo.make_optimizer(p)
+  state = ppo.place_opt_state(tx, tx.init(params), params, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+  grads = {"w": jnp.full((2, 3), 0.5)}
+  steps = []
+  for _ in range(2 * 12):  # MultiSteps: one Adam step per grad_accum gradients
+    updates, state = tx.update(grads, state, params)
+    steps.append(float(jnp.max(jnp.abs(updates["w"]))))
+  taken = np.asarray(steps[1::2])
+  t = np.arange(12)
+  want = {"constant": np.full(12, 1e-2), "linear": 1e-2 * (1 - t / 12),
+          "cosine": 1e-2 * (1 + np.cos(np.pi * t / 12)) / 2}[decay]
+  np.testing.assert_allclose(taken, want, rtol=1e-5, atol=1e-9)
+  c = _config()
+  c.sft.tokenizer_artifact, c.data.data_dir = "artifact", "data"
+  c.ppo.lr_decay = "exponential"
+  with pytest.raises(ConfigError, match="ppo.lr_decay: must be one of constant, linear, cosine"):
+    ppo.validate(c)
 
 
 @pytest.mark.parametrize("value_lr", [0.0, 1e-2])

@@ -101,6 +101,10 @@ def ppo_defaults() -> ml_collections.ConfigDict:
   # memory. Must divide num_minibatches (no accumulation runs across iterations, whose policies differ)
   c.grad_accum = 1
   c.lr = 1e-4
+  # the learning rate over the run's Adam steps: "constant", or decayed to 0 at ppo.iterations ("linear", "cosine"; as
+  # SFT's schedule ends). At a constant 1e-3 reacher's held-out success moved 10-12 points between checkpoints two
+  # iterations apart (docs/benchmarks.md, session 20), so the final checkpoint is one draw of a jittering policy
+  c.lr_decay = "constant"
   c.value_lr = 0.0              # > 0: the value head's own Adam learning rate (0 = lr)
   # the baseline GAE uses: "policy" (the agent's value head on the LLM's last hidden state; GEA) or "privileged" (an
   # MLP on the simulator's state and task, `gea_jax.rl.privileged_critic`: asymmetric actor-critic; the agent's value
@@ -259,6 +263,7 @@ def validate(config) -> None:
             "value_warmup_iterations", "sft_coef"):
     cv.positive(config, f"{p}.{k}", allow_zero=True)
   cv.in_range(config, f"{p}.discount", 0.0, 1.0)
+  lr_schedule(config.ppo)
   if "value_lr" in config.ppo:
     cv.positive(config, f"{p}.value_lr", allow_zero=True)
   if critic_kind(config.ppo) == "privileged":
@@ -388,8 +393,26 @@ def grad_accum_steps(p) -> int:
   return k
 
 
+LR_DECAYS = ("constant", "linear", "cosine")
+
+
+def lr_schedule(p) -> float | optax.Schedule:
+  """``ppo.lr``, or (``ppo.lr_decay`` linear / cosine) a schedule from it to 0 over the run's Adam steps
+  (``iterations x num_epochs x num_minibatches / grad_accum``, the value warm-up's included). A run resumed with
+  another ``ppo.iterations`` continues on the new schedule from the steps already taken."""
+  kind = p.get("lr_decay", "constant")
+  cv.require(kind in LR_DECAYS, "ppo.lr_decay", f"must be one of {', '.join(LR_DECAYS)}", kind)
+  if kind == "constant":
+    return float(p.lr)
+  steps = int(p.iterations) * int(p.num_epochs) * int(p.num_minibatches) // grad_accum_steps(p)
+  if kind == "linear":
+    return optax.linear_schedule(float(p.lr), 0.0, max(steps, 1))
+  return optax.cosine_decay_schedule(float(p.lr), max(steps, 1))
+
+
 def make_optimizer(p) -> optax.GradientTransformation:
-  """Global-norm clipping, then Adam at ``p.lr``; the value head's steps at ``p.value_lr`` when that is > 0; with
+  """Global-norm clipping, then Adam at ``p.lr`` (decayed: `lr_schedule`); the value head's steps at ``p.value_lr``
+  (decayed alike) when that is > 0; with
   ``p.grad_accum`` > 1 all of it applied once per that many gradients, to their mean (optax.MultiSteps).
 
   Adam's step is proportional to its learning rate, so the value head's rate is a rescaling of its steps after Adam
@@ -397,7 +420,7 @@ def make_optimizer(p) -> optax.GradientTransformation:
   """
   parts = [optax.clip_by_global_norm(float(p.grad_clip))] if float(p.grad_clip) > 0 else []
   lr, value_lr = float(p.lr), float(p.get("value_lr", 0.0))
-  parts.append(optax.adam(lr))
+  parts.append(optax.adam(lr_schedule(p)))
   if value_lr > 0 and value_lr != lr:
     parts.append(scale_value_head(value_lr / lr))
   tx = optax.chain(*parts)
