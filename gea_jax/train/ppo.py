@@ -102,7 +102,7 @@ def ppo_defaults() -> ml_collections.ConfigDict:
   c.grad_accum = 1
   c.lr = 1e-4
   # the learning rate over the run's Adam steps: "constant", or decayed to 0 at ppo.iterations ("linear", "cosine"; as
-  # SFT's schedule ends). At a constant 1e-3 reacher's held-out success moved 10-12 points between checkpoints two
+  # SFT's schedule ends). At a constant 1e-3 reacher's held-out success moved 5-13 points between checkpoints two
   # iterations apart (docs/benchmarks.md, session 20), so the final checkpoint is one draw of a jittering policy
   c.lr_decay = "constant"
   c.value_lr = 0.0              # > 0: the value head's own Adam learning rate (0 = lr)
