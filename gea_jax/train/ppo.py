@@ -760,9 +760,7 @@ class VlmPPO:
     e, m = int(self.p.num_epochs), int(self.p.num_minibatches)
     batches = [model_arrays(next(self.sft_iterator)) for _ in range(e * m)]
     stacked = {k: np.stack([b[k] for b in batches]).reshape((e, m) + batches[0][k].shape) for k in batches[0]}
-    return {k: jax.make_array_from_process_local_data(
-        NamedSharding(self.mesh, PartitionSpec(None, None, *sharding.batch_sharding(self.mesh, x.ndim - 2).spec)), x)
-        for k, x in stacked.items()}
+    return device_batch(stacked, self.mesh, lead_dims=2)
 
   def episode_arrays(self) -> dict | None:
     """The running episodes as a checkpointable tree ({embodiment: {leaf index: array}}; PRNG keys as their

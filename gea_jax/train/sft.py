@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from gea_jax import config_validation as cv
 from gea_jax import sharding
@@ -193,10 +194,15 @@ def model_arrays(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return out
 
 
-def device_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-  """This process's part of the global batch -> global arrays sharded over the batch axes."""
-  return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, x.ndim), x)
-          for k, x in model_arrays(batch).items()}
+def device_batch(batch: dict[str, np.ndarray], mesh, lead_dims: int = 0) -> dict[str, jax.Array]:
+  """This process's part of the global batch -> global arrays sharded over the batch axes.
+
+  lead_dims: that many leading axes come before the batch axis and are not sharded (e.g. stacked batches).
+  """
+  def place(x):
+    spec = sharding.batch_sharding(mesh, x.ndim - lead_dims).spec
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec(*(None,) * lead_dims, *spec)), x)
+  return {k: place(x) for k, x in model_arrays(batch).items()}
 
 
 def make_iterator(config, ctx: AgentContext, data_dir: str, embodiments, *, batch_size: int | None = None,
