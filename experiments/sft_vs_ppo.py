@@ -10,6 +10,11 @@ episodes (same seeds). Each evaluation runs twice: as is, and with injected pert
 actions for ``--perturb_length`` steps from step ``--perturb_start``) to test recovery. Prints a markdown
 table and, as the last line, a JSON object with ``ppo_minus_sft`` (mean success difference over the
 held-out rows, percentage points; GEA's goal >= +10) and ``ppo_minus_sft_perturbed``.
+
+``--last_checkpoints K`` also evaluates the K-1 checkpoints saved before the final one (held-out rows as is) and
+adds ``ppo_minus_sft_last_k``, the mean over the K: neighbouring checkpoints of one run can differ by several points
+(docs/benchmarks.md, session 20), so one checkpoint's few-point difference is not readable on its own.
+``ppo_minus_sft`` stays the final checkpoint's.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdirs/sft_vs_ppo", "Where datasets
 _PPO_ITERS = flags.DEFINE_integer("ppo_iterations", 30, "PPO iterations after SFT (overrides ppo.iterations).")
 _PERTURB_START = flags.DEFINE_integer("perturb_start", 4, "First env step of the random-action perturbation.")
 _PERTURB_LEN = flags.DEFINE_integer("perturb_length", 4, "Number of random-action steps.")
+_LAST = flags.DEFINE_integer("last_checkpoints", 1, "Evaluate the last K saved PPO checkpoints (held-out rows, as "
+                             "is) and report their mean difference too; needs ppo.keep_checkpoints >= K.")
 
 
 def _evaluate(config, model, ctx, names, data_dir, stage, perturb):
@@ -58,6 +65,10 @@ def main(argv):
   workdir = os.path.abspath(_WORKDIR.value)
   names = pipeline.embodiment_names(config)
   perturb = (_PERTURB_START.value, _PERTURB_LEN.value)
+  last_k = _LAST.value
+  if last_k < 1 or last_k > int(config.ppo.keep_checkpoints):
+    raise ValueError(f"--last_checkpoints={last_k}: must be >= 1 and <= ppo.keep_checkpoints "
+                     f"({config.ppo.keep_checkpoints}; set --config.ppo.keep_checkpoints)")
   data_dir, artifact = pipeline.prepare_inputs(config, workdir)
   t0 = time.time()
   res = sft.train(config, workdir, artifact_dir=artifact, data_dir=data_dir, embodiments=names)
@@ -70,6 +81,17 @@ def main(argv):
 
   plain, plain_mean = compare(before[None], after[None])
   pert, pert_mean = compare(before[perturb], after[perturb])
+  earlier = [i for i in ppo_lib.saved_iterations(config, workdir) if i < ppo_res.iterations][-(last_k - 1):] \
+      if last_k > 1 else []
+  if len(earlier) < last_k - 1:
+    print(f"--last_checkpoints={last_k}: only {earlier} saved before iteration {ppo_res.iterations}; evaluating "
+          "those", file=sys.stderr)
+  last = []
+  for it in earlier:  # after the final policy's evaluations: loading an earlier checkpoint replaces it
+    ppo_lib.load_checkpoint(config, workdir, ppo_res.model, it)
+    rows, mean = compare(before[None], _evaluate(config, ppo_res.model, res.ctx, names, data_dir, f"ppo@{it}", None))
+    last.append({"iteration": it, "ppo_minus_sft": round(mean, 2), "rows": rows})
+  last.append({"iteration": ppo_res.iterations, "ppo_minus_sft": round(plain_mean, 2), "rows": plain})
   print(f"SFT {res.steps} steps, PPO {ppo_res.iterations} iterations; perturbation: random actions for steps "
         f"{perturb[0]}..{perturb[0] + perturb[1] - 1}; {config.eval.episodes} episodes per row")
   print("| embodiment | split | perturbed | SFT | SFT + PPO | difference (points) | expert |")
@@ -78,7 +100,18 @@ def main(argv):
     for r in rows:
       print(f"| {r['embodiment']} | {r['split']} | {tag} | {r['sft']:.2f} | {r['sft_ppo']:.2f} | "
             f"{r['difference_points']:+.1f} | {r['expert']} |")
+  last_mean = sum(c["ppo_minus_sft"] for c in last) / len(last)
+  if len(last) > 1:
+    print(f"\nLast {len(last)} checkpoints (held-out rows as is):\n")
+    print("| iteration | " + " | ".join(f"{r['embodiment']} {r['split']}" for r in plain) + " | ppo_minus_sft |")
+    print("|---|" + "---|" * (len(plain) + 1))
+    for c in last:
+      print(f"| {c['iteration']} | " + " | ".join(f"{r['sft_ppo']:.3f} ({r['difference_points']:+.1f})"
+                                                  for r in c["rows"]) + f" | {c['ppo_minus_sft']:+.2f} |")
+    print("| mean |" + " |" * len(plain) + f" {last_mean:+.2f} |")
   print(json.dumps({"ppo_minus_sft": round(plain_mean, 2), "ppo_minus_sft_perturbed": round(pert_mean, 2),
+                    "ppo_minus_sft_last_k": round(last_mean, 2),
+                    "last_k": [{"iteration": c["iteration"], "ppo_minus_sft": c["ppo_minus_sft"]} for c in last],
                     "sft_steps": res.steps, "ppo_iterations": ppo_res.iterations,
                     "episodes": int(config.eval.episodes), "rows": plain, "rows_perturbed": pert}))
 

@@ -947,6 +947,32 @@ def load_sft_model(config, sft_workdir: str, ctx: AgentContext) -> AgentModel:
   return model
 
 
+def saved_iterations(config, workdir: str) -> list[int]:
+  """The iterations of ``workdir/ppo``'s complete checkpoints, ascending (``ppo.keep_checkpoints`` are kept)."""
+  ck = Checkpointer(os.path.join(workdir, "ppo"), read_only=True, config=config)
+  try:
+    return ck.all_steps(reload=True)
+  finally:
+    ck.close()
+
+
+def load_checkpoint(config, workdir: str, model: AgentModel, iteration: int) -> AgentModel:
+  """Loads the policy of PPO checkpoint ``iteration`` of ``workdir/ppo`` into ``model`` in place and returns it.
+
+  Only the trainable parameters of ``ppo.train_mode`` are stored (LoRA adapters are attached first when ``model``
+  has none); the rest of ``model`` must be the run's starting agent. A missing iteration raises `CheckpointError`
+  listing the saved ones. For evaluating earlier checkpoints of a finished run; `train` resumes on its own.
+  """
+  wrt, _ = prepare_model(model, config)
+  ck = Checkpointer(os.path.join(workdir, "ppo"), read_only=True, config=config)
+  try:
+    restored = ck.restore(int(iteration), abstract_like(nnx.state(model, wrt)))
+  finally:
+    ck.close()
+  nnx.update(model, restored.params)
+  return model
+
+
 def run(config, workdir: str) -> PpoResult:
   """PPO from an SFT run (``ppo.sft_workdir``) or, without one, from a freshly built agent."""
   from gea_jax.agent.context import load_context
