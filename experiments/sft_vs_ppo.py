@@ -90,8 +90,8 @@ def main(argv):
   for it in earlier:  # after the final policy's evaluations: loading an earlier checkpoint replaces it
     ppo_lib.load_checkpoint(config, workdir, ppo_res.model, it)
     rows, mean = compare(before[None], _evaluate(config, ppo_res.model, res.ctx, names, data_dir, f"ppo@{it}", None))
-    last.append({"iteration": it, "ppo_minus_sft": round(mean, 2), "rows": rows})
-  last.append({"iteration": ppo_res.iterations, "ppo_minus_sft": round(plain_mean, 2), "rows": plain})
+    last.append({"iteration": it, "ppo_minus_sft": mean, "rows": rows})
+  last.append({"iteration": ppo_res.iterations, "ppo_minus_sft": plain_mean, "rows": plain})
   print(f"SFT {res.steps} steps, PPO {ppo_res.iterations} iterations; perturbation: random actions for steps "
         f"{perturb[0]}..{perturb[0] + perturb[1] - 1}; {config.eval.episodes} episodes per row")
   print("| embodiment | split | perturbed | SFT | SFT + PPO | difference (points) | expert |")
@@ -111,7 +111,7 @@ def main(argv):
     print("| mean |" + " |" * len(plain) + f" {last_mean:+.2f} |")
   print(json.dumps({"ppo_minus_sft": round(plain_mean, 2), "ppo_minus_sft_perturbed": round(pert_mean, 2),
                     "ppo_minus_sft_last_k": round(last_mean, 2),
-                    "last_k": [{"iteration": c["iteration"], "ppo_minus_sft": c["ppo_minus_sft"]} for c in last],
+                    "last_k": [{"iteration": c["iteration"], "ppo_minus_sft": round(c["ppo_minus_sft"], 2)} for c in last],
                     "sft_steps": res.steps, "ppo_iterations": ppo_res.iterations,
                     "episodes": int(config.eval.episodes), "rows": plain, "rows_perturbed": pert}))
 
