@@ -1,7 +1,7 @@
 """GEA's online-RL lesson in miniature: the SFT agent against the same agent after PPO (stage 2).
 
     python experiments/sft_vs_ppo.py --workdir=workdirs/sft_vs_ppo [--config=configs/default.py] \\
-        [--ppo_iterations=30] [--config.sft.steps=1000]
+        [--ppo_iterations=30] [--config.sft.steps=1000] [--last_checkpoints=3 --config.ppo.keep_checkpoints=3]
 
 Runs (or resumes: every stage is skipped when its output exists in the workdir) the default pipeline's
 datasets, RVQ tokenizer and SFT, evaluates the SFT agent closed-loop on the held-out splits, then runs
