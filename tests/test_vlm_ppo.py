@@ -542,8 +542,9 @@ def test_lora_ppo_on_grid_goto_changes_only_lora_and_resumes_exactly(assets, tmp
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   # an earlier checkpoint's policy loads into a fresh starting agent (how sft_vs_ppo.py evaluates the last few)
   assert ppo.saved_iterations(config, str(tmp_path / "full")) == [1, 2]
-  last = _flat(ppo.load_checkpoint(config, str(tmp_path / "full"), _setup(assets, "full", history=1)[2], 2))
-  first = _flat(ppo.load_checkpoint(config, str(tmp_path / "full"), _setup(assets, "full", history=1)[2], 1))
+  fresh = _setup(assets, "full", history=1)[2]
+  first = _flat(ppo.load_checkpoint(config, str(tmp_path / "full"), fresh, 1))
+  last = _flat(ppo.load_checkpoint(config, str(tmp_path / "full"), fresh, 2))
   assert last.keys() == a.keys()
   for k in a:
     np.testing.assert_array_equal(last[k], a[k], err_msg=k)
@@ -551,7 +552,7 @@ def test_lora_ppo_on_grid_goto_changes_only_lora_and_resumes_exactly(assets, tmp
   assert any(not np.array_equal(first[k], a[k]) for k in lora_b)  # iteration 1 is not iteration 2's policy
   assert any(np.any(first[k] != 0) for k in lora_b)  # nor the start's (LoRA B starts at zero)
   with pytest.raises(CheckpointError, match=r"checkpoint step 5: .*does not exist \(steps: \[1, 2\]\)"):
-    ppo.load_checkpoint(config, str(tmp_path / "full"), _setup(assets, "full", history=1)[2], 5)
+    ppo.load_checkpoint(config, str(tmp_path / "full"), fresh, 5)
 
 
 def test_joint_sft_without_expert_data_is_a_clear_error(assets):

@@ -939,13 +939,25 @@ def load_sft_model(config, sft_workdir: str, ctx: AgentContext) -> AgentModel:
   """The agent of ``config.model`` with the latest SFT checkpoint of ``sft_workdir`` (its ``sft/`` run)."""
   from gea_jax.agent.model import build_agent
   model = build_agent(config.model, ctx.layout, ctx.max_state_dim, ctx.vocab.total_vocab_size, seed=int(config.seed))
-  ck = Checkpointer(os.path.join(sft_workdir, "sft"), read_only=True, config=config)  # config: names what differs
-  restored = ck.restore_latest(abstract_like(nnx.state(model, trainable_filter(config.model))))
-  if restored is None:
+  if not _load_params(config, os.path.join(sft_workdir, "sft"), model, trainable_filter(config.model)):
     raise FileNotFoundError(f"ppo.sft_workdir={sft_workdir!r}: no SFT checkpoint under {sft_workdir}/sft/checkpoints")
-  nnx.update(model, restored.params)
-  ck.close()
   return model
+
+
+def _load_params(config, run_dir: str, model: AgentModel, wrt, step: int | None = None) -> bool:
+  """Restores the ``wrt`` parameters of checkpoint ``step`` (None: the latest that restores) of the run in
+  ``run_dir`` into ``model``, read-only; False when the run has no checkpoint at all (``step`` None only). ``config``
+  names what differs from the saved config when a restore fails."""
+  ck = Checkpointer(run_dir, read_only=True, config=config)
+  try:
+    target = abstract_like(nnx.state(model, wrt))
+    restored = ck.restore_latest(target) if step is None else ck.restore(int(step), target)
+  finally:
+    ck.close()
+  if restored is None:
+    return False
+  nnx.update(model, restored.params)
+  return True
 
 
 def saved_iterations(config, workdir: str) -> list[int]:
@@ -965,12 +977,7 @@ def load_checkpoint(config, workdir: str, model: AgentModel, iteration: int) -> 
   listing the saved ones. For evaluating earlier checkpoints of a finished run; `train` resumes on its own.
   """
   wrt, _ = prepare_model(model, config)
-  ck = Checkpointer(os.path.join(workdir, "ppo"), read_only=True, config=config)
-  try:
-    restored = ck.restore(int(iteration), abstract_like(nnx.state(model, wrt)))
-  finally:
-    ck.close()
-  nnx.update(model, restored.params)
+  _load_params(config, os.path.join(workdir, "ppo"), model, wrt, step=iteration)
   return model
 
 
