@@ -16,13 +16,13 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-# Tests build fresh jitted closures of the same programs again and again (collectors, PPO updates, SFT steps over the
-# same tiny shapes); XLA's persistent compilation cache makes every later compile (of >= 0.5 s) of an identical program
-# a disk read. Shared by the pytest-xdist workers and kept between runs (a clean clone saves little: docs/benchmarks.md,
-# test suite; local reruns save most). GEA_TEST_COMPILATION_CACHE="" turns it off.
-_COMPILATION_CACHE = os.environ.get(
-    "GEA_TEST_COMPILATION_CACHE",
-    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax_compilation_cache"))
+# XLA's persistent compilation cache is opt-in (GEA_TEST_COMPILATION_CACHE=DIR): on this jaxlib (0.10.2) an 8-device
+# XLA:CPU program read back from it can deadlock at its first collective (devices wait at different collectives of one
+# run, e.g. device 0 at an all-gather and the rest at an all-reduce; XLA aborts the process after 40 s), while the same
+# program compiled in-process runs: the mesh-vs-one-device PPO test's 8-device collector did so in every run from a
+# warm cache, and never from a cold one (docs/benchmarks.md, session 23). The suite rarely hits its own entries from a
+# clean clone (~20 s saved on tests/test_vlm_ppo.py), so by default every test compiles its programs.
+_COMPILATION_CACHE = os.environ.get("GEA_TEST_COMPILATION_CACHE", "")
 if _COMPILATION_CACHE:
   jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

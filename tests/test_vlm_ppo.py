@@ -811,6 +811,7 @@ def test_one_iteration_on_the_mesh_equals_single_device(assets, critic, shapes):
     model = build_agent(config.model, ctx.layout, ctx.max_state_dim, ctx.vocab.total_vocab_size, seed=1)
     wrt, _ = ppo.prepare_model(model, config)
     learner = ppo.VlmPPO(config.ppo, ctx, model, wrt, names, seed=0, mesh=mesh, rules=rules)
+    start = _flat(learner.sync(), wrt)
     trajs, boots, stats = learner.collect(0)
     metrics = learner.update(0, trajs, boots)
     envs = ("data", "fsdp")
@@ -823,7 +824,7 @@ def test_one_iteration_on_the_mesh_equals_single_device(assets, critic, shapes):
       assert all(mu[k].sharding == x.sharding for k, x in split)
     runs.append(dict(tokens=[np.asarray(t.tokens) for t in trajs], logp=[np.asarray(t.logp) for t in trajs],
                      value=[np.asarray(t.value) for t in trajs], metrics={**metrics, **stats},
-                     params=_flat(learner.sync(), wrt),
+                     params=_flat(learner.sync(), wrt), start=start,
                      critic=_critic_flat(learner)))
     if shape == (2, 4, 1):  # a second iteration reuses both programs
       learner.iteration(1)
@@ -831,6 +832,8 @@ def test_one_iteration_on_the_mesh_equals_single_device(assets, critic, shapes):
       assert all(c._cache_size() == 1 for c in learner._collect)
   ref = runs[0]
   assert any(len(np.unique(t)) > 1 for t in ref["tokens"])  # the policy samples varied actions
+  # the update moved parameters by ~lr (Adam's first step), well past the 1e-5 tolerance below: not vacuous
+  assert max(np.abs(v - ref["start"][k]).max() for k, v in ref["params"].items()) > 5e-5
   for run in runs[1:]:
     for a, b in zip(ref["tokens"], run["tokens"]):
       np.testing.assert_array_equal(a, b)
