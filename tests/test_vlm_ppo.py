@@ -423,6 +423,29 @@ def test_lora_value_mode_and_value_trunk_grad(assets, trunk_grad):
   assert any("lora" in k for k in changed) == (trunk_grad > 0)
 
 
+def test_lora_fixed_embeddings_mode_keeps_the_embedding_table(assets):
+  """PPO's "lora_fixed_embeddings": "lora" without the embedding table (the agent's tied output head): the adapters
+  and the non-LLM parts train, the table stays bitwise as SFT left it while "lora" moves it on the same batch."""
+  moved = {}
+  for mode in ("lora", "lora_fixed_embeddings"):
+    config, ctx, model = _setup(assets, "full")
+    p = config.ppo
+    p.train_mode, p.value_warmup_iterations, p.skip_flat_reward = mode, 0, False
+    wrt, got = ppo.prepare_model(model, config)
+    assert got == mode
+    before = _flat(model)
+    trainable = set(_flat(model, wrt))
+    learner = ppo.VlmPPO(p, ctx, model, wrt, EMBODIMENTS, seed=0)
+    assert np.isfinite(learner.iteration(0)["loss"])
+    after = _flat(learner.sync())
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert changed <= trainable and any("lora_b" in k for k in changed) and any("llm" not in k for k in changed)
+    moved[mode] = {k for k in changed if "embed_tokens" in k}
+    assert bool(moved[mode]) == (mode == "lora"), (mode, sorted(moved[mode]))
+    if mode == "lora_fixed_embeddings":
+      assert not any("embed_tokens" in k for k in trainable)
+
+
 def test_value_warmup_iterations_train_only_the_value_head(assets):
   """During ``ppo.value_warmup_iterations`` the policy is untouched; afterwards the LoRA adapters train too."""
   config, ctx, model = _setup(assets, "full", history=1)

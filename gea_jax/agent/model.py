@@ -213,7 +213,8 @@ def build_agent(model_cfg, layout: PromptLayout, state_dim: int, vocab_size: int
 
 def trainable_filter(model_cfg) -> Any:
   """What the optimizer updates: LoRA adapters (+ everything outside the LLM), or all, or no LLM params, or (PPO's
-  "lora_value") the LoRA adapters and the value head only."""
+  "lora_value") the LoRA adapters and the value head only, or (PPO's "lora_fixed_embeddings") "lora" without the
+  embedding table."""
   from gea_jax.models.lora import LoraParam
   mode = model_cfg.train_mode
   if mode == "full":
@@ -227,4 +228,7 @@ def trainable_filter(model_cfg) -> Any:
     return outside_llm
   if mode == "lora_value":  # PPO only: the LoRA adapters and the value head; all else stays as SFT left it
     return nnx.Any(LoraParam, nnx.PathContains("value_head"))
-  raise ValueError(f"model.train_mode: expected 'lora', 'full', 'frozen' or (PPO) 'lora_value', got {mode!r}")
+  if mode == "lora_fixed_embeddings":  # PPO only: "lora" but the embedding table stays as SFT left it
+    return nnx.Any(LoraParam, outside_llm)
+  raise ValueError("model.train_mode: expected 'lora', 'full', 'frozen' or (PPO) 'lora_value' / 'lora_fixed_embeddings', "
+                   f"got {mode!r}")

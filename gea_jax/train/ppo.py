@@ -15,7 +15,8 @@ entropy bonus, optionally a KL penalty to the frozen starting (SFT) policy and, 
 cross-entropy on a batch of expert data (GEA's joint SFT + RL). The first ``ppo.value_warmup_iterations``
 iterations train the value head alone (its gradient stopped at the trunk, every other term off). What trains is
 ``ppo.train_mode`` (or ``model.train_mode`` when empty): "lora" (LoRA + value head + non-LLM parts + the
-embedding table; GEA), "lora_value" (LoRA + value head only), "frozen" (LLM frozen, adapters =
+embedding table; GEA), "lora_fixed_embeddings" (the same but the embedding table, also the agent's tied output
+head, whose PPO gradient is mostly noise: docs/benchmarks.md, session 22), "lora_value" (LoRA + value head only), "frozen" (LLM frozen, adapters =
 vision/projector/state/value; LLaRP) or "full". After the warm-up the value loss's gradient reaches the shared trunk
 scaled by ``ppo.value_trunk_grad`` (1: fully; 0, the default: the value head learns on the policy's features alone).
 With ``ppo.critic = "privileged"`` the baseline is instead an MLP on each body's simulator state and task
@@ -163,7 +164,8 @@ def ppo_defaults() -> ml_collections.ConfigDict:
   # action-token steps; needs memory for a second copy of the adapted kernels: False on a model that cannot spare it)
   c.fold_lora = True
   # GEA: LoRA + value head; "" = model.train_mode; "lora" (also the vision encoder, projector, state encoder and
-  # embedding table) | "lora_value" (LoRA + value head only) | "frozen" | "full"
+  # embedding table) | "lora_fixed_embeddings" ("lora" but the embedding table stays as SFT left it) | "lora_value"
+  # (LoRA + value head only) | "frozen" | "full"
   c.train_mode = "lora"
   c.log_every = 1
   c.checkpoint_every = 2
@@ -275,7 +277,7 @@ def validate(config) -> None:
   shaping_coefs(config.ppo)
   cv.in_range(config, f"{p}.gae_lambda", 0.0, 1.0)
   cv.positive(config, f"{p}.clip_eps")
-  cv.one_of(config, f"{p}.train_mode", ("", "lora", "lora_value", "frozen", "full"))
+  cv.one_of(config, f"{p}.train_mode", ("", "lora", "lora_fixed_embeddings", "lora_value", "frozen", "full"))
   cv.one_of(config, f"{p}.task_split", ("train", "heldout_seed", "heldout_combo"))
   if "time_limit" in config.ppo:
     cv.one_of(config, f"{p}.time_limit", ("cut", "terminal"))
@@ -361,7 +363,7 @@ def prepare_model(model: AgentModel, config) -> tuple[Any, str]:
   mode = str(config.ppo.get("train_mode", "") or config.model.train_mode)
   if model.vlm.value_head is None:
     raise ValueError("PPO needs the agent's value head: model.value_hidden_dim must be > 0")
-  if mode in ("lora", "lora_value") and not jax.tree.leaves(nnx.state(model, LoraParam)):
+  if mode in ("lora", "lora_fixed_embeddings", "lora_value") and not jax.tree.leaves(nnx.state(model, LoraParam)):
     lc = config.model.lora
     apply_lora(model.vlm.llm, LoraConfig(rank=int(lc.rank), alpha=float(lc.alpha),
                                          target_modules=tuple(lc.target_modules)), nnx.Rngs(int(config.seed) + 7))
