@@ -17,8 +17,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+from gea_jax.fake_devices import use_fake_cpu_devices  # noqa: E402  (before jax: it sets XLA_FLAGS)
+
+use_fake_cpu_devices(8)
 
 import argparse  # noqa: E402
 import json  # noqa: E402

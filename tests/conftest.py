@@ -2,12 +2,9 @@
 
 import os
 
-# Without the concurrency-optimized scheduler: with it, on a loaded machine (tests beside a training run), XLA:CPU
-# deadlocked in the 8-device PPO tests (device 0 at an all-gather, the other 7 at an all-reduce of the same execution;
-# 8 of 9 tries under load aborted, 3 of 3 passed without it; never seen idle). docs/benchmarks.md, session 20.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-                           " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+from gea_jax.fake_devices import use_fake_cpu_devices  # noqa: E402  (before jax: it sets XLA_FLAGS)
+
+use_fake_cpu_devices(8)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -80,3 +80,17 @@ def test_create_sharded_inside_use_mesh_equals_outside():
 def test_constrain_is_noop_without_mesh():
   x = jnp.ones((4, 8))
   assert sharding.constrain(x, ("batch", "embed")) is x
+
+
+def test_fake_cpu_devices_are_set_before_jax_starts():
+  """conftest's 8 devices come with the scheduler flag; once the backend runs, a late call fails loudly."""
+  import os
+
+  from gea_jax.fake_devices import NO_CONCURRENT_SCHEDULER, use_fake_cpu_devices
+  assert jax.device_count() == 8 and NO_CONCURRENT_SCHEDULER in os.environ["XLA_FLAGS"]
+  flags = os.environ["XLA_FLAGS"]
+  with pytest.raises(RuntimeError, match="already initialized"):
+    use_fake_cpu_devices(4)
+  with pytest.raises(ValueError, match="count must be >= 1"):
+    use_fake_cpu_devices(0)
+  assert os.environ["XLA_FLAGS"] == flags
