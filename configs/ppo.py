@@ -5,7 +5,8 @@
       --config.data.data_dir=workdirs/demo/data
 
 The model section must match the SFT run's (same config file values); ``ppo.train_mode`` picks what PPO
-trains ("lora": adapters are attached to a full-SFT model if it has none; "frozen": LLaRP; "full").
+trains ("lora": adapters are attached to a full-SFT model if it has none; "lora_fixed_embeddings": the same but the
+embedding table stays as SFT left it; "lora_value": adapters + value head only; "frozen": LLaRP; "full").
 """
 
 from gea_jax.agent.config import agent_config
