@@ -2,7 +2,7 @@
 
 import os
 
-from gea_jax.fake_devices import use_fake_cpu_devices  # noqa: E402  (before jax: it sets XLA_FLAGS)
+from gea_jax.fake_devices import use_fake_cpu_devices  # before jax: it sets XLA_FLAGS
 
 use_fake_cpu_devices(8)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -230,5 +230,5 @@ def trainable_filter(model_cfg) -> Any:
     return nnx.Any(LoraParam, nnx.PathContains("value_head"))
   if mode == "lora_fixed_embeddings":  # PPO only: "lora" but the embedding table stays as SFT left it
     return nnx.Any(LoraParam, outside_llm)
-  raise ValueError("model.train_mode: expected 'lora', 'full', 'frozen' or (PPO) 'lora_value' / 'lora_fixed_embeddings', "
-                   f"got {mode!r}")
+  raise ValueError("model.train_mode: expected 'lora', 'full', 'frozen' or (PPO) 'lora_value' / "
+                   f"'lora_fixed_embeddings', got {mode!r}")
