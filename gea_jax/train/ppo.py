@@ -18,7 +18,8 @@ iterations train the value head alone (its gradient stopped at the trunk, every 
 embedding table; GEA), "lora_fixed_embeddings" (the same but the embedding table, also the agent's tied output
 head, whose PPO gradient is mostly noise: docs/benchmarks.md, session 22), "lora_value" (LoRA + value head only),
 "frozen" (LLM frozen, adapters = vision/projector/state/value; LLaRP) or "full". After the warm-up the value
-loss's gradient reaches the shared trunk scaled by ``ppo.value_trunk_grad`` (1: fully; 0, the default: the value head learns on the policy's features alone).
+loss's gradient reaches the shared trunk scaled by ``ppo.value_trunk_grad`` (1: fully; 0, the default: the value
+head learns on the policy's features alone).
 With ``ppo.critic = "privileged"`` the baseline is instead an MLP on each body's simulator state and task
 (`gea_jax.rl.privileged_critic`, an asymmetric actor-critic: the collector records its features), fitted after the
 policy's epochs; the agent's value head is then not trained, and the critic is part of the checkpoint.
