@@ -428,14 +428,14 @@ def test_lora_fixed_embeddings_mode_keeps_the_embedding_table(assets):
   and the non-LLM parts train, the table stays bitwise as SFT left it while "lora" moves it on the same batch."""
   moved = {}
   for mode in ("lora", "lora_fixed_embeddings"):
-    config, ctx, model = _setup(assets, "full")
+    config, ctx, model = _setup(assets, "full", history=1)
     p = config.ppo
     p.train_mode, p.value_warmup_iterations, p.skip_flat_reward = mode, 0, False
     wrt, got = ppo.prepare_model(model, config)
     assert got == mode
     before = _flat(model)
     trainable = set(_flat(model, wrt))
-    learner = ppo.VlmPPO(p, ctx, model, wrt, EMBODIMENTS, seed=0)
+    learner = ppo.VlmPPO(p, ctx, model, wrt, ["grid_goto"], seed=0)
     assert np.isfinite(learner.iteration(0)["loss"])
     after = _flat(learner.sync())
     changed = {k for k in before if not np.array_equal(before[k], after[k])}
