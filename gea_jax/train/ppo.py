@@ -16,10 +16,10 @@ cross-entropy on a batch of expert data (GEA's joint SFT + RL). The first ``ppo.
 iterations train the value head alone (its gradient stopped at the trunk, every other term off). What trains is
 ``ppo.train_mode`` (or ``model.train_mode`` when empty): "lora" (LoRA + value head + non-LLM parts + the
 embedding table; GEA), "lora_fixed_embeddings" (the same but the embedding table, also the agent's tied output
-head, whose PPO gradient is mostly noise: docs/benchmarks.md, session 22), "lora_value" (LoRA + value head only),
-"frozen" (LLM frozen, adapters = vision/projector/state/value; LLaRP) or "full". After the warm-up the value
-loss's gradient reaches the shared trunk scaled by ``ppo.value_trunk_grad`` (1: fully; 0, the default: the value
-head learns on the policy's features alone).
+head: its PPO gradient measured as noise on reacher but as signal on the grid, docs/benchmarks.md, sessions
+22-23), "lora_value" (LoRA + value head only), "frozen" (LLM frozen, adapters = vision/projector/state/value;
+LLaRP) or "full". After the warm-up the value loss's gradient reaches the shared trunk scaled by
+``ppo.value_trunk_grad`` (1: fully; 0, the default: the value head learns on the policy's features alone).
 With ``ppo.critic = "privileged"`` the baseline is instead an MLP on each body's simulator state and task
 (`gea_jax.rl.privileged_critic`, an asymmetric actor-critic: the collector records its features), fitted after the
 policy's epochs; the agent's value head is then not trained, and the critic is part of the checkpoint.
@@ -176,6 +176,8 @@ def ppo_defaults() -> ml_collections.ConfigDict:
 
 
 CRITICS = ("policy", "privileged")
+LORA_TRAIN_MODES = ("lora", "lora_fixed_embeddings", "lora_value")  # ppo.train_mode values that need LoRA adapters
+TRAIN_MODES = LORA_TRAIN_MODES + ("frozen", "full")
 
 
 def critic_kind(p) -> str:
@@ -278,7 +280,7 @@ def validate(config) -> None:
   shaping_coefs(config.ppo)
   cv.in_range(config, f"{p}.gae_lambda", 0.0, 1.0)
   cv.positive(config, f"{p}.clip_eps")
-  cv.one_of(config, f"{p}.train_mode", ("", "lora", "lora_fixed_embeddings", "lora_value", "frozen", "full"))
+  cv.one_of(config, f"{p}.train_mode", ("",) + TRAIN_MODES)
   cv.one_of(config, f"{p}.task_split", ("train", "heldout_seed", "heldout_combo"))
   if "time_limit" in config.ppo:
     cv.one_of(config, f"{p}.time_limit", ("cut", "terminal"))
@@ -364,7 +366,7 @@ def prepare_model(model: AgentModel, config) -> tuple[Any, str]:
   mode = str(config.ppo.get("train_mode", "") or config.model.train_mode)
   if model.vlm.value_head is None:
     raise ValueError("PPO needs the agent's value head: model.value_hidden_dim must be > 0")
-  if mode in ("lora", "lora_fixed_embeddings", "lora_value") and not jax.tree.leaves(nnx.state(model, LoraParam)):
+  if mode in LORA_TRAIN_MODES and not jax.tree.leaves(nnx.state(model, LoraParam)):
     lc = config.model.lora
     apply_lora(model.vlm.llm, LoraConfig(rank=int(lc.rank), alpha=float(lc.alpha),
                                          target_modules=tuple(lc.target_modules)), nnx.Rngs(int(config.seed) + 7))
