@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 from gea_jax.fake_devices import use_fake_cpu_devices  # before jax: it sets XLA_FLAGS
 
 use_fake_cpu_devices(8)
@@ -12,6 +14,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# The suite's time is mostly XLA:CPU compiling each test's programs (tiny shapes, run a few times), so tests compile
+# with LLVM's cheap settings (jax_disable_most_optimizations: backend optimization level 0, no expensive LLVM passes;
+# the HLO passes still run, so the programs are the same computations). GEA_TEST_XLA_OPTIMIZE=1 compiles as training
+# does. Tests whose run time outweighs their compile time ask for the full pipeline with the `xla_optimized` fixture.
+_CHEAP_COMPILE = os.environ.get("GEA_TEST_XLA_OPTIMIZE", "") not in ("1", "true")
+jax.config.update("jax_disable_most_optimizations", _CHEAP_COMPILE)
 
 # XLA's persistent compilation cache is opt-in (GEA_TEST_COMPILATION_CACHE=DIR): on this jaxlib (0.10.2) an 8-device
 # XLA:CPU program read back from it can deadlock at its first collective (devices wait at different collectives of one
@@ -25,3 +34,11 @@ if _COMPILATION_CACHE:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
+
+
+@pytest.fixture
+def xla_optimized():
+  """Compile this test's programs with XLA's full optimization pipeline (for run-time-heavy tests)."""
+  jax.config.update("jax_disable_most_optimizations", False)
+  yield
+  jax.config.update("jax_disable_most_optimizations", _CHEAP_COMPILE)

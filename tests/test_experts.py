@@ -108,7 +108,7 @@ def test_reacher_expert_success_and_determinism():
 
 
 @pytest.mark.slow
-def test_pusher_scripted_expert_pushes_the_puck():
+def test_pusher_scripted_expert_pushes_the_puck(xla_optimized):
   spec = make("pusher").spec
   eps = experts.rollout("pusher", 16, seed=0, batch_size=16)
   for ep in eps:
@@ -122,7 +122,7 @@ def test_pusher_scripted_expert_pushes_the_puck():
 
 
 @pytest.mark.slow
-def test_halfcheetah_ppo_expert_runs_past_the_flag():
+def test_halfcheetah_ppo_expert_runs_past_the_flag(xla_optimized):
   from data_pipelines.experts import halfcheetah as hc_expert
   assert hc_expert.ASSET.is_file(), "the packaged halfcheetah policy is missing"
   spec = make("halfcheetah").spec

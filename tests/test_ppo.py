@@ -224,7 +224,7 @@ def test_config_errors_are_clear():
 
 
 @pytest.mark.slow
-def test_tiny_mlp_ppo_solves_brax_inverted_pendulum():
+def test_tiny_mlp_ppo_solves_brax_inverted_pendulum(xla_optimized):
   from gea_jax.rl.brax_env import make_brax_env
   cfg = PPOConfig(num_envs=128, unroll_length=5, batch_size=128, num_minibatches=8, num_epochs=4,
                   learning_rate=1e-3, entropy_coef=1e-2, discount=0.97, reward_scaling=10.0, iterations_per_call=8)
