@@ -92,12 +92,12 @@ def main(argv):
   from gea_jax.eval import evaluate_embodiment, is_greedy
   from gea_jax.rl.shaping import has_potential
   from gea_jax.train import ppo as ppo_lib
-  from gea_jax.train.pipeline import eval_decoding, eval_seed
+  from gea_jax.train.pipeline import embodiment_names, eval_decoding, eval_seed
 
   config, wd = _CONFIG.value, os.path.abspath(_WORKDIR.value)
   config.data.data_dir = config.data.data_dir or os.path.join(wd, "data")
   config.sft.tokenizer_artifact = config.sft.tokenizer_artifact or os.path.join(wd, "rvq", "artifact")
-  names = [e for e in str(config.data.embodiments).split(",") if e]
+  names = embodiment_names(config)
   name = _EMBODIMENT.value or next((n for n in names if n.startswith("grid")), "")
   if name not in names:
     raise app.UsageError(f"--embodiment={name!r} is not one of the config's data.embodiments {names}")

@@ -40,12 +40,13 @@ def main(argv):
   from gea_jax.agent.policy import sft_loss
   from gea_jax.agent.sequence import fill_action_ids, sequence_builder
   from gea_jax.train import sft
+  from gea_jax.train.pipeline import embodiment_names
   from gea_jax.train.ppo import load_sft_model
 
   config, wd, name = _CONFIG.value, _WORKDIR.value, _EMBODIMENT.value
   data_dir = config.data.data_dir or os.path.join(wd, "data")
   artifact = config.sft.tokenizer_artifact or os.path.join(wd, "rvq", "artifact")
-  names = [e for e in str(config.data.embodiments).split(",") if e]
+  names = embodiment_names(config)
   name = name or next((n for n in names if n.startswith("grid")), "")
   if name not in names:
     raise app.UsageError(f"--embodiment={name!r} is not one of the config's data.embodiments {names}")

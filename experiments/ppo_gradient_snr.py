@@ -48,6 +48,7 @@ def main(argv):
   from gea_jax.agent.context import load_context
   from gea_jax.agent.policy import action_scores, candidate_ids
   from gea_jax.train import ppo as ppo_lib
+  from gea_jax.train.pipeline import embodiment_names
 
   if _BATCHES.value < 2:
     raise app.UsageError("--batches must be >= 2 (cosines are taken between pairs of batches)")
@@ -55,8 +56,7 @@ def main(argv):
   config.data.data_dir = config.data.data_dir or os.path.join(wd, "data")
   config.sft.tokenizer_artifact = config.sft.tokenizer_artifact or os.path.join(wd, "rvq", "artifact")
   names = ppo_lib.embodiment_names(config)
-  ctx = load_context(config, config.sft.tokenizer_artifact, config.data.data_dir,
-                     [e for e in str(config.data.embodiments).split(",") if e])
+  ctx = load_context(config, config.sft.tokenizer_artifact, config.data.data_dir, embodiment_names(config))
   model = ppo_lib.load_sft_model(config, wd, ctx)
   config.ppo.value_warmup_iterations = _WARMUP.value + _BATCHES.value  # every update trains the value head only
   wrt, mode = ppo_lib.prepare_model(model, config)

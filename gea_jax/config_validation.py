@@ -32,6 +32,13 @@ def require(ok: bool, key: str, expected: str, value: Any = None) -> None:
     raise ConfigError(f"{key}: {expected}{got}")
 
 
+def name_list(value) -> list[str]:
+  """A config's list of names, written "a,b" (or as a sequence of names): the non-empty names, in order."""
+  if isinstance(value, str):
+    return [n.strip() for n in value.split(",") if n.strip()]
+  return [str(n) for n in (value or ()) if str(n)]
+
+
 def per_embodiment(config, key: str, convert, expected: str) -> dict[str, Any]:
   """``"name=value,name=value"`` (or a mapping) at ``key`` -> {embodiment: convert(value)}. Every name must be a
   registered embodiment; ``convert`` returns the value or raises ValueError / TypeError for a bad one (``expected``

@@ -55,6 +55,21 @@ def test_ppo_embodiments_are_a_subset_of_the_data():
     pipeline.validate(c)
 
 
+def test_name_lists_are_read_alike_everywhere():
+  """"a,b" with or without spaces, or a sequence: the same names for the data, PPO and the joint SFT batch."""
+  from gea_jax.config_validation import name_list
+  from gea_jax.train import ppo
+  assert name_list("reacher, grid_goto,") == name_list(("reacher", "grid_goto")) == ["reacher", "grid_goto"]
+  assert name_list("") == name_list(None) == []
+  c = agent_config()
+  c.data.embodiments = "reacher, grid_goto"
+  c.ppo.embodiments = " grid_goto"
+  pipeline.validate(c)
+  assert pipeline.embodiment_names(c) == ["reacher", "grid_goto"] and ppo.embodiment_names(c) == ["grid_goto"]
+  c.ppo.sft_embodiments = "reacher , grid_goto"
+  assert ppo.sft_embodiment_names(c.ppo, pipeline.embodiment_names(c)) == ["reacher", "grid_goto"]
+
+
 def test_data_cache_mb_must_be_a_positive_number():
   c = agent_config()
   for bad in (0, -64):

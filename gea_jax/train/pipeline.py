@@ -48,7 +48,7 @@ def validate(config) -> None:
   cv.require(bool(names), "data.embodiments", "must name at least one embodiment")
   for e in names:
     cv.require(e in registry.names(), "data.embodiments", f"unknown embodiment (known: {', '.join(registry.names())})", e)
-  for e in [e for e in str(config.ppo.get("embodiments", "")).split(",") if e]:
+  for e in cv.name_list(config.ppo.get("embodiments", "")):
     cv.require(e in names, "ppo.embodiments", f"must be some of data.embodiments ({', '.join(names)})", e)
   if int(config.ppo.iterations) > 0:
     from gea_jax.train import ppo as ppo_lib
@@ -57,7 +57,7 @@ def validate(config) -> None:
 
 def embodiment_names(config) -> list[str]:
   """``data.embodiments`` ("a,b") as a list of names."""
-  return [e for e in str(config.data.embodiments).split(",") if e]
+  return cv.name_list(config.data.embodiments)
 
 
 def episodes_per_embodiment(config) -> dict[str, int]:

@@ -343,14 +343,14 @@ def check_envs_split(num_envs: int, rules, shape_of: dict[str, int]) -> None:
 
 
 def embodiment_names(config) -> list[str]:
-  s = str(config.ppo.embodiments or config.data.embodiments)
-  return [e for e in s.split(",") if e]
+  """The bodies PPO acts in: ``ppo.embodiments``, or ``data.embodiments`` when that is empty."""
+  return cv.name_list(config.ppo.embodiments or config.data.embodiments)
 
 
 def sft_embodiment_names(p, known: Sequence[str]) -> list[str]:
   """The bodies of the joint SFT loss's expert batch: ``ppo.sft_embodiments`` ("" = all of ``known``, the agent's),
   each checked to be one the agent knows."""
-  names = [e for e in str(p.get("sft_embodiments", "") or "").split(",") if e] or list(known)
+  names = cv.name_list(p.get("sft_embodiments", "")) or list(known)
   for e in names:
     cv.require(e in known, "ppo.sft_embodiments", f"names a body the agent does not know (it knows {list(known)})",
                e)

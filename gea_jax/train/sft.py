@@ -254,7 +254,7 @@ def train(config, workdir: str, *, artifact_dir: str, data_dir: str, embodiments
           mesh=None) -> SftResult:
   """Runs (or resumes) SFT in ``workdir``. ``eval_fn(model, ctx, step) -> metrics`` runs periodically."""
   s = config.sft
-  embodiments = list(embodiments or [e for e in str(config.data.embodiments).split(",") if e])
+  embodiments = list(embodiments or cv.name_list(config.data.embodiments))
   ctx = load_context(config, artifact_dir, data_dir, embodiments)
   mesh, rules = mesh_and_rules(config, mesh)
   model, optimizer, wrt = setup_model(config, ctx, mesh, rules)
