@@ -34,9 +34,8 @@ def require(ok: bool, key: str, expected: str, value: Any = None) -> None:
 
 def name_list(value) -> list[str]:
   """A config's list of names, written "a,b" (or as a sequence of names): the non-empty names, in order."""
-  if isinstance(value, str):
-    return [n.strip() for n in value.split(",") if n.strip()]
-  return [str(n) for n in (value or ()) if str(n)]
+  names = value.split(",") if isinstance(value, str) else (value or ())
+  return [str(n).strip() for n in names if str(n).strip()]
 
 
 def per_embodiment(config, key: str, convert, expected: str) -> dict[str, Any]:

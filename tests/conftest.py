@@ -35,7 +35,6 @@ if _COMPILATION_CACHE:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-
 @pytest.fixture
 def xla_optimized():
   """Compile this test's programs with XLA's full optimization pipeline (for run-time-heavy tests)."""
