@@ -33,8 +33,9 @@ def require(ok: bool, key: str, expected: str, value: Any = None) -> None:
 
 
 def name_list(value) -> list[str]:
-  """A config's list of names, written "a,b" (or as a sequence of names): the non-empty names, in order."""
-  names = value.split(",") if isinstance(value, str) else (value or ())
+  """A config's list of names, written "a,b" (or as a list / tuple of names): the non-empty names, in order. Any
+  other value reads as its string, so a wrong type reaches the caller's name check instead of a TypeError."""
+  names = value if isinstance(value, (list, tuple)) else str(value or "").split(",")
   return [str(n).strip() for n in names if str(n).strip()]
 
 

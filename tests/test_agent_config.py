@@ -60,12 +60,15 @@ def test_name_lists_are_read_alike_everywhere():
   from gea_jax.config_validation import name_list
   from gea_jax.train import ppo
   assert name_list("reacher, grid_goto,") == name_list(("reacher", "grid_goto")) == ["reacher", "grid_goto"]
-  assert name_list("") == name_list(None) == []
+  assert name_list("") == name_list(None) == name_list(" , ") == []
+  assert name_list(5) == ["5"]  # a wrong type reaches the name checks (unknown embodiment), not a TypeError
   c = agent_config()
   c.data.embodiments = "reacher, grid_goto"
   c.ppo.embodiments = " grid_goto"
   pipeline.validate(c)
   assert pipeline.embodiment_names(c) == ["reacher", "grid_goto"] and ppo.embodiment_names(c) == ["grid_goto"]
+  c.ppo.embodiments = " "  # blank: every body of the data, as ""
+  assert ppo.embodiment_names(c) == ["reacher", "grid_goto"]
   c.ppo.sft_embodiments = "reacher , grid_goto"
   assert ppo.sft_embodiment_names(c.ppo, pipeline.embodiment_names(c)) == ["reacher", "grid_goto"]
 

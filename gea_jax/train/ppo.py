@@ -346,7 +346,7 @@ def check_envs_split(num_envs: int, rules, shape_of: dict[str, int]) -> None:
 
 def embodiment_names(config) -> list[str]:
   """The bodies PPO acts in: ``ppo.embodiments``, or ``data.embodiments`` when that is empty."""
-  return cv.name_list(config.ppo.embodiments or config.data.embodiments)
+  return cv.name_list(config.ppo.embodiments) or cv.name_list(config.data.embodiments)
 
 
 def sft_embodiment_names(p, known: Sequence[str]) -> list[str]:
