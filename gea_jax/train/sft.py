@@ -135,6 +135,28 @@ def make_optimizer(s) -> optax.GradientTransformation:
 # --- the jitted step ---------------------------------------------------------------------------------
 
 
+def step_fn(ctx: AgentContext, graphdef, wrt, grounding_weight: float = 0.0):
+  """The SFT step before jit: ``step(state, batch, mask_table) -> (state', metrics)`` on the split state of
+  ``(model, optimizer)`` (``graphdef`` from ``nnx.split((model, optimizer))``). `TrainStep` jits it; the TPU
+  compile check (`gea_jax.tools.aot_compile`) lowers it for a topology."""
+  vocab, layout = ctx.vocab, ctx.layout
+  cand = candidate_ids(vocab.mask_table)  # logits over the action ids only (same loss, ~C instead of ~V columns)
+
+  def step(state, batch, mask_table):
+    model, optimizer = nnx.merge(graphdef, state)
+    batch = fill_action_ids(vocab, layout, batch)
+
+    def loss_fn(model):
+      return sft_loss(model, layout, batch, mask_table, candidate_ids=cand, grounding_weight=grounding_weight)
+
+    (_, metrics), grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)(model)
+    optimizer.update(model, grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    return nnx.state((model, optimizer)), metrics
+
+  return step
+
+
 class TrainStep:
   """The SFT step, jitted once over the split (graphdef, state) of model + optimizer.
 
@@ -146,26 +168,11 @@ class TrainStep:
 
   def __init__(self, ctx: AgentContext, model: AgentModel, optimizer: nnx.Optimizer, wrt, mesh,
                grounding_weight: float = 0.0):
-    vocab, layout = ctx.vocab, ctx.layout
     self.model, self.optimizer = model, optimizer
     graphdef, self.state = nnx.split((model, optimizer))
-    self.mask_table = jax.device_put(vocab.mask_table,
+    self.mask_table = jax.device_put(ctx.vocab.mask_table,
                                      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    cand = candidate_ids(vocab.mask_table)  # logits over the action ids only (same loss, ~C instead of ~V columns)
-
-    def step(state, batch, mask_table):
-      model, optimizer = nnx.merge(graphdef, state)
-      batch = fill_action_ids(vocab, layout, batch)
-
-      def loss_fn(model):
-        return sft_loss(model, layout, batch, mask_table, candidate_ids=cand, grounding_weight=grounding_weight)
-
-      (_, metrics), grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)(model)
-      optimizer.update(model, grads)
-      metrics["grad_norm"] = optax.tree.norm(grads)
-      return nnx.state((model, optimizer)), metrics
-
-    self._step = jax.jit(step, donate_argnums=0)
+    self._step = jax.jit(step_fn(ctx, graphdef, wrt, grounding_weight), donate_argnums=0)
 
   def __call__(self, batch) -> dict[str, jax.Array]:
     self.state, metrics = self._step(self.state, batch, self.mask_table)

@@ -1,0 +1,64 @@
+"""The compile-only TPU check (gea_jax.tools.aot_compile) on a v5e topology, with the libtpu `make install` puts in
+.venv/tpu. Each case runs the tool in its own process: jax looks for the TPU library only when it first starts its
+backends, which the test process has done already (8 fake CPU devices). The first test runs two checks at once, as
+pytest's workers may (libtpu's per-process lock file is waived by the tool)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LIBTPU = os.path.join(sys.prefix, "tpu", "libtpu", "libtpu.so")
+
+pytestmark = pytest.mark.skipif(not os.path.exists(LIBTPU) and "TPU_LIBRARY_PATH" not in os.environ,
+                                reason=f"no libtpu at {LIBTPU} (make install puts it there)")
+
+
+def run_tool(*flags: str) -> tuple[int, dict | None, str]:
+  proc = subprocess.run([sys.executable, "-m", "gea_jax.tools.aot_compile", "--config=configs/default.py", *flags],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  lines = proc.stdout.strip().splitlines()
+  report = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None
+  return proc.returncode, report, proc.stderr
+
+
+def test_sft_step_compiles_for_a_v5e_pod_and_fsdp_splits_the_state():
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    runs = [pool.submit(run_tool, "--topology=v5e:2x2", f"--config.mesh.shape={shape}") for shape in ("-1,1,1",
+                                                                                                     "1,-1,1")]
+    (code_d, data, err_d), (code_f, fsdp, err_f) = [r.result() for r in runs]
+  assert code_d == 0, err_d[-3000:]
+  assert code_f == 0, err_f[-3000:]
+  for r in (data, fsdp):
+    assert r["chips"] == 4 and r["device_kind"].startswith("TPU v5") and r["fits"] is True
+    assert r["hbm_bytes_per_chip"] == 16 << 30 and 0 < r["bytes_per_chip"] < r["hbm_bytes_per_chip"]
+    assert r["flops_per_chip"] > 0
+    # the step donates the model + optimizer state: its outputs reuse the argument buffers
+    assert r["alias_bytes"] > 0.9 * r["output_bytes"]
+  assert data["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1} and fsdp["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  # replicated over "data", the parameters and Adam moments are whole on every chip; over "fsdp", a quarter of them
+  assert fsdp["argument_bytes"] < 0.4 * data["argument_bytes"]
+  # the same global batch: FLOPs split over 4 chips either way
+  assert fsdp["flops_per_chip"] == pytest.approx(data["flops_per_chip"], rel=0.5)
+
+
+def test_a_step_too_big_for_the_chip_fails_with_the_keys_to_change():
+  # the default's step needs ~0.1 GiB of a v5e chip's 16 GiB; a 0.001 budget (16 MiB) makes it too big without
+  # compiling a huge program (XLA:TPU's own out-of-HBM refusal, exit 1 as well, takes minutes to reach here)
+  code, report, err = run_tool("--topology=v5e:2x2", "--max_hbm_fraction=0.001")
+  assert code == 1, err[-3000:]
+  assert report["fits"] is False and report["max_hbm_fraction"] == 0.001
+  assert report["bytes_per_chip"] > 0.001 * report["hbm_bytes_per_chip"]
+  assert "does not fit a v5e:2x2 chip" in err and "sft.batch_size" in err and "mesh.shape" in err
+
+
+def test_an_unknown_topology_is_one_clear_error():
+  code, report, err = run_tool("--topology=v9:2x2")
+  assert code == 2 and report is None
+  assert "--topology='v9:2x2': unknown TPU generation 'v9'" in err
