@@ -7,16 +7,16 @@ No TPU is needed: with libtpu present (``make install`` puts it in ``.venv/tpu``
 "jax[tpu]==0.10.2"``), `jax.experimental.topologies.get_topology_desc` describes the topology's chips on this CPU
 machine, and the SFT step (`gea_jax.train.sft.step_fn`, the function the trainer jits) is lowered and compiled by
 XLA:TPU for a mesh over them: the config's ``mesh.shape`` and ``sharding.rules``, the model built from the config
-(`build_agent`, abstractly: no weights are read into memory beyond what building it reads), its optimizer state,
-and a global batch of ``sft.batch_size`` sequences of the config's prompt layout. The compiled program's
-``memory_analysis()`` gives each chip's bytes (arguments, outputs, temporaries, aliased donations) and
+(`build_agent` under `nnx.eval_shape`: no device arrays; a config with pretrained weights still reads their file),
+its optimizer state, and a global batch of ``sft.batch_size`` sequences of the config's prompt layout. The compiled
+program's ``memory_analysis()`` gives each chip's bytes (arguments, outputs, temporaries, aliased donations) and
 ``cost_analysis()`` its FLOPs; XLA:TPU itself refuses a program whose buffers exceed the chip's HBM.
 
 Prints a table and, as its last line, JSON: ``topology``, ``chips``, ``mesh``, ``bytes_per_chip`` (arguments +
 outputs - aliased + temporaries + code), its parts, ``hbm_bytes_per_chip`` and ``fits`` (within ``--max_hbm_fraction``
 of the HBM); exits with status 1 and a message naming the config keys to change when the step does not fit, 2 on a
-bad flag or a missing libtpu. The action tokenizer is an untrained one of the
-config's ``rvq`` shape (the shapes are those of a trained one) over ``data.embodiments``.
+bad flag or a missing libtpu. The action tokenizer is an untrained one of the shape the pipeline trains over
+``data.embodiments`` (the shapes are those of a trained one). PPO's collector and update are not compiled here.
 """
 
 from __future__ import annotations
@@ -122,6 +122,8 @@ def compile_sft_step(config, devices):
   from gea_jax.train import sft
 
   embodiments = cv.name_list(config.data.embodiments)
+  if not embodiments:
+    raise ValueError("data.embodiments: empty; the SFT batch needs the config's embodiments (e.g. \"reacher,grid_goto\")")
   ctx = compile_context(config, embodiments)
   mesh, rules = sft.mesh_and_rules(config, sharding.make_mesh(tuple(config.mesh.shape), devices))
   wrt = trainable_filter(config.model)
@@ -131,8 +133,7 @@ def compile_sft_step(config, devices):
                         seed=int(config.seed))
     return model, nnx.Optimizer(model, sft.make_optimizer(config.sft), wrt=wrt)
 
-  with sharding._without_global_mesh():
-    graphdef, state = nnx.split(nnx.eval_shape(build))
+  graphdef, state = nnx.split(nnx.eval_shape(build))
   state_sh = sharding.state_shardings(state, mesh, rules)
   values = lambda tree: jax.tree.map(lambda v: v.get_value() if isinstance(v, nnx.Variable) else v, tree,
                                      is_leaf=lambda x: isinstance(x, nnx.Variable))
