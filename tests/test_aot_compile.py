@@ -58,7 +58,14 @@ def test_a_step_too_big_for_the_chip_fails_with_the_keys_to_change():
   assert "does not fit a v5e:2x2 chip" in err and "sft.batch_size" in err and "mesh.shape" in err
 
 
-def test_an_unknown_topology_is_one_clear_error():
-  code, report, err = run_tool("--topology=v9:2x2")
-  assert code == 2 and report is None
-  assert "--topology='v9:2x2': unknown TPU generation 'v9'" in err
+@pytest.mark.parametrize("flag, message", [
+    ("--topology=v9:2x2", "--topology='v9:2x2': unknown TPU generation 'v9'"),
+    ("--config.data.embodiments=reacher,nosuch", "data.embodiments: unknown embodiment"),
+    # 4 chips of v5e:2x2 on the "data" axis: the batch must split over them (checked against the topology, not
+    # against this process's devices)
+    ("--config.sft.batch_size=30", "sft.batch_size: must be divisible by the data*fsdp mesh size 4"),
+])
+def test_bad_input_is_one_clear_error(flag, message):
+  code, report, err = run_tool("--topology=v5e:2x2", flag)
+  assert code == 2 and report is None, err[-3000:]
+  assert f"aot_compile: {message}" in err

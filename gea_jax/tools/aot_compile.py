@@ -97,16 +97,14 @@ def compile_context(config, embodiments):
 def example_sequence(ctx, name: str) -> dict[str, np.ndarray]:
   """One SFT sample of embodiment ``name`` as the grain hook makes it (zeros; only its shapes and dtypes count)."""
   from gea_jax.agent.sequence import sequence_builder
-  from gea_jax.train.sft import MODEL_KEYS
+  from gea_jax.train.sft import model_arrays
   spec = ctx.specs[ctx.index(name)]
   f = ctx.layout.num_frames
   sample = dict(embodiment_id=0, history_mask=np.ones(f, bool), instruction="go", state=np.zeros((f, spec.state_dim)),
                 image=np.zeros((f,) + tuple(ctx.image_size) + (3,), np.uint8),
                 actions=np.zeros((f, max(spec.action_space.dim, 1)), np.float32),
                 is_discrete=not spec.action_space.is_continuous, action_indices=np.zeros(f, np.int32))
-  seq = sequence_builder(ctx, [name])(sample)
-  return {k: (np.asarray(seq[k]).astype(np.int32) if np.asarray(seq[k]).dtype == np.bool_ else np.asarray(seq[k]))
-          for k in MODEL_KEYS}
+  return model_arrays(sequence_builder(ctx, [name])(sample))
 
 
 def abstract(tree, shardings):
@@ -116,14 +114,13 @@ def abstract(tree, shardings):
 
 def compile_sft_step(config, devices):
   """XLA:TPU's compiled SFT step of ``config`` on a mesh over ``devices``; returns (compiled, mesh, ctx)."""
-  from gea_jax import config_validation as cv
   from gea_jax import sharding
   from gea_jax.agent.model import build_agent, trainable_filter
-  from gea_jax.train import sft
+  from gea_jax.train import pipeline, sft
 
-  embodiments = cv.name_list(config.data.embodiments)
-  if not embodiments:
-    raise ValueError("data.embodiments: empty; the SFT batch needs the config's embodiments (e.g. \"reacher,grid_goto\")")
+  sft.validate_model(config)
+  sft.validate_sft(config, num_devices=len(devices))  # sft.* and mesh.shape against the topology's chips
+  embodiments = pipeline.validate_embodiments(config)
   ctx = compile_context(config, embodiments)
   mesh, rules = sft.mesh_and_rules(config, sharding.make_mesh(tuple(config.mesh.shape), devices))
   wrt = trainable_filter(config.model)
@@ -175,13 +172,11 @@ def _too_big(topology: str, needed: str) -> None:
 
 def main(argv):
   del argv
-  from gea_jax.train import sft
   config = _CONFIG.value
   topology = _TOPOLOGY.value
   try:
     hbm = hbm_bytes(topology)
     devices = topology_devices(topology)
-    sft.validate_model(config)
     compiled, mesh, ctx = compile_sft_step(config, devices)
   except (ValueError, RuntimeError) as e:
     if "RESOURCE_EXHAUSTED" in str(e):  # XLA:TPU refuses programs whose buffers exceed the chip's HBM

@@ -22,6 +22,16 @@ from gea_jax import config_validation as cv
 from gea_jax.train import sft as sft_lib
 
 
+def validate_embodiments(config) -> list[str]:
+  """``data.embodiments``: at least one, all registered; returns the names."""
+  from gea_jax.envs import registry
+  names = embodiment_names(config)
+  cv.require(bool(names), "data.embodiments", "must name at least one embodiment")
+  for e in names:
+    cv.require(e in registry.names(), "data.embodiments", f"unknown embodiment (known: {', '.join(registry.names())})", e)
+  return names
+
+
 def validate(config) -> None:
   sft_lib.validate_model(config)
   sft_lib.validate_sft(config)
@@ -43,11 +53,7 @@ def validate(config) -> None:
   for s in config.eval.splits:
     cv.require(s in ("train", "heldout_seed", "heldout_combo"), "eval.splits",
                "entries must be train / heldout_seed / heldout_combo", s)
-  from gea_jax.envs import registry
-  names = embodiment_names(config)
-  cv.require(bool(names), "data.embodiments", "must name at least one embodiment")
-  for e in names:
-    cv.require(e in registry.names(), "data.embodiments", f"unknown embodiment (known: {', '.join(registry.names())})", e)
+  names = validate_embodiments(config)
   for e in cv.name_list(config.ppo.get("embodiments", "")):
     cv.require(e in names, "ppo.embodiments", f"must be some of data.embodiments ({', '.join(names)})", e)
   if int(config.ppo.iterations) > 0:

@@ -74,7 +74,8 @@ def grounding_weight(config) -> float:
   return float(config.sft.get("grounding_weight", 0.0))
 
 
-def validate_sft(config) -> None:
+def validate_sft(config, num_devices: int | None = None) -> None:
+  """``sft.*`` and the mesh, for ``num_devices`` devices (default: this run's, ``jax.device_count()``)."""
   s = "sft"
   for k in ("steps", "batch_size", "lr", "log_every", "checkpoint_every", "keep_checkpoints", "grad_accum"):
     cv.positive(config, f"{s}.{k}")
@@ -91,7 +92,7 @@ def validate_sft(config) -> None:
   if "cache_mb" in config.data:
     cv.positive(config, "data.cache_mb")
   cv.check_mesh(config)
-  n = jax.device_count()
+  n = jax.device_count() if num_devices is None else int(num_devices)
   try:
     shape = sharding.resolve_mesh_shape(tuple(config.mesh.shape), n)
   except ValueError as e:
