@@ -95,6 +95,8 @@ class DirectoryAssetsHandler(ocp.AsyncCheckpointHandler):
                                                             name="gea_assets_save")]
 
   def save(self, directory: epath.Path, args: "DirectoryAssetsSave"):
+    if jax.process_index() != 0:
+      return
     Path(directory).mkdir(parents=True, exist_ok=True)
     for name, src in dict(args.dirs).items():
       shutil.copytree(src, Path(directory) / name)
@@ -378,7 +380,10 @@ class Checkpointer:
   # -- assets ------------------------------------------------------------------------------------------
 
   def save_assets(self, name: str, src_dir: str | Path):
-    """Stages a copy of ``src_dir``; it is written as ``<step>/assets/<name>`` into every following save."""
+    """Stages a copy of ``src_dir``; it is written as ``<step>/assets/<name>`` into every following save.
+
+    In a multi-host job process 0 copies it and every process waits for that (the checkpoint directory is on a file
+    system all hosts share)."""
     if self.read_only:
       raise CheckpointError(f"{self.directory}: opened read_only, cannot stage asset {name!r}")
     if not _ASSET_NAME_RE.match(name):
@@ -387,11 +392,18 @@ class Checkpointer:
     if not src.is_dir():
       raise FileNotFoundError(f"save_assets({name!r}): {src} is not a directory")
     self.wait()  # an in-flight save may still be copying the staged version
-    dst = self._staging / name
-    if dst.exists():
-      shutil.rmtree(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(src, dst)
+    self._stage(name, src)
+
+  def _stage(self, name: str, src: Path):
+    """Copies ``src`` to the staged asset ``name`` (process 0; the others wait for it)."""
+    if jax.process_index() == 0:
+      dst = self._staging / name
+      if dst.exists():
+        shutil.rmtree(dst)
+      dst.parent.mkdir(parents=True, exist_ok=True)
+      shutil.copytree(src, dst)
+    if jax.process_count() > 1:
+      ocp.multihost.sync_global_processes(f"gea_stage_asset_{name}")
 
   def staged_assets(self) -> dict[str, Path]:
     if not self._staging.is_dir():
@@ -512,9 +524,9 @@ class Checkpointer:
     if not self.read_only:  # keep carrying the checkpoint's assets into the following saves
       staged = self.staged_assets()
       for name, path in small["assets"].items():
-        if name not in staged:
-          self._staging.mkdir(parents=True, exist_ok=True)
-          shutil.copytree(path, self._staging / name)
+        # several processes: all take the same branch (process 0 may already have staged it when another looks)
+        if name not in staged or jax.process_count() > 1:
+          self._stage(name, Path(path))
     return RestoredState(step=step, params=params, opt_state=opt_state, rng=rng, data_state=small["data_state"],
                          extra=small["extra"], config=small["config"], versions=small["versions"], path=step_dir,
                          assets=small["assets"], arrays=arrays)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gea_jax import sharding
 from gea_jax.agent.context import AgentContext
 from gea_jax.agent.policy import candidate_ids, decode_action_tokens, text_prefix_cache
 from gea_jax.agent.prompt import assemble, embodiment_prompt, left_pad
@@ -166,7 +167,9 @@ def evaluate_embodiment(model, ctx: AgentContext, name: str, *, num_episodes: in
   states = evaluation_resets(env, split, seed, num_episodes)
   text_ids, text_mask = text_prompts(ctx, e, instructions_of(env, states, num_episodes))
   text_ids, text_mask = jnp.asarray(text_ids), jnp.asarray(text_mask)
-  model = merged_copy(model)  # the parameters are fixed here: fold the LoRA adapters once (the model is untouched)
+  # the parameters are fixed here: fold the LoRA adapters once (the model is untouched); in a multi-host job every
+  # process runs all the episodes on its own whole copy (the same results everywhere; process 0 reports them)
+  model = merged_copy(sharding.process_local_copy(model))
   policy = nnx.jit(make_policy_step(ctx, e, greedy=greedy))
   prefix = None
   if text_prefix:  # no resets during the evaluation: the text (and its KV cache) is fixed

@@ -3,6 +3,9 @@
 The config's ``trainer`` field names a module ``gea_jax.train.<trainer>`` that provides
 ``validate(config)`` and ``run(config, workdir)``. The config is validated (unknown keys, wrong
 types, impossible values: one clear line naming the key) before anything is compiled.
+
+Multi-host jobs run the same command on every host with ``--distributed=auto`` (Cloud TPU pod slices), or with
+``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` (gea_jax/distributed.py).
 """
 
 from __future__ import annotations
@@ -14,10 +17,17 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from gea_jax import distributed
 from gea_jax.config_validation import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
+_DISTRIBUTED = flags.DEFINE_string("distributed", "none", "'auto': join a multi-host job whose processes JAX finds "
+                                   "itself (Cloud TPU pod slices, SLURM, Kubernetes); 'none': one process.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "Multi-host job without auto-detection: HOST:PORT of "
+                                   "process 0's coordinator (with --num_processes and --process_id).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host job: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host job: this process's id in [0, num_processes).")
 
 TRAINERS = {
     "tokenizer": "gea_jax.train.tokenizer",
@@ -64,6 +74,10 @@ def main(argv: list[str]) -> None:
   if not _WORKDIR.value:
     _fail("--workdir is required")
   config = _CONFIG.value
+  try:  # before validation, which counts the devices of all processes
+    distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except distributed.DistributedError as e:
+    _fail(str(e))
   try:
     module = trainer_module(config)
     module.validate(config)

@@ -27,6 +27,15 @@ import numpy as np
 import tqdm
 
 
+def _is_process_zero() -> bool:
+  """Whether this is process 0 of a multi-host job (or the only process): the one that prints and writes logs."""
+  try:
+    import jax
+    return jax.process_index() == 0
+  except Exception:  # noqa: BLE001 (jax is optional for reporting)
+    return True
+
+
 def _scalar(value: Any, name: str) -> float:
   try:
     arr = np.asarray(value)
@@ -68,10 +77,11 @@ class Progress:
     log_every: non-tty mode prints a line every ``log_every`` steps (default: 20 lines per run).
     stream: where to write (default stderr).
     tty: force bar (True) or log lines (False); default: whether ``stream`` is a terminal.
+    enabled: show anything at all; default: only on process 0 of a multi-host job.
   """
 
   def __init__(self, total_steps: int, desc: str = "train", *, initial: int = 0, log_every: int | None = None,
-               stream: TextIO | None = None, tty: bool | None = None):
+               stream: TextIO | None = None, tty: bool | None = None, enabled: bool | None = None):
     if total_steps < 0:
       raise ValueError(f"Progress: total_steps must be >= 0, got {total_steps}")
     self.total, self.desc, self.initial = int(total_steps), desc, int(initial)
@@ -82,8 +92,9 @@ class Progress:
     self.metrics: dict[str, Any] = {}
     self._t0 = time.monotonic()
     self._last_logged = self.initial
+    self.enabled = _is_process_zero() if enabled is None else bool(enabled)
     self._bar = tqdm.tqdm(total=self.total, initial=self.initial, desc=desc, file=self.stream,
-                          dynamic_ncols=True) if self.tty else None
+                          dynamic_ncols=True) if self.tty and self.enabled else None
 
   def rate(self) -> float | None:
     """Steps per second since the start (or resume)."""
@@ -114,6 +125,8 @@ class Progress:
 
   def _log_line(self):
     self._last_logged = self.step
+    if not self.enabled:
+      return
     pct = 100.0 * self.step / self.total if self.total else 100.0
     rate = self.rate()
     parts = [f"{self.desc}: step {self.step}/{self.total} ({pct:.0f}%)",
@@ -147,16 +160,10 @@ class MetricWriter:
     self.workdir = Path(workdir)
     self.logdir = self.workdir / "tensorboard"
     self.jsonl_path = self.workdir / "metrics.jsonl"
-    if enabled is None:
-      try:
-        import jax
-        enabled = jax.process_index() == 0
-      except Exception:  # noqa: BLE001 (jax is optional for reporting)
-        enabled = True
-    self.enabled = enabled
+    self.enabled = _is_process_zero() if enabled is None else enabled
     self._tb = None
     self._jsonl = None
-    if not enabled:
+    if not self.enabled:
       return
     self.workdir.mkdir(parents=True, exist_ok=True)
     if resume_step is not None and self.jsonl_path.exists():
@@ -306,15 +313,19 @@ def _plot_curve(name: str, points: Sequence[tuple[int, float]], path: Path):
 
 def write_report(workdir: str | Path, title: str, tables: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
                  curves: Mapping[str, Sequence[tuple[int, float]]] | None = None,
-                 summary: Mapping[str, Any] | None = None) -> dict[str, Path]:
+                 summary: Mapping[str, Any] | None = None, enabled: bool | None = None) -> dict[str, Path]:
   """Writes ``WORKDIR/report.json`` and ``WORKDIR/report.md`` (+ one PNG per curve); returns their paths.
 
   Args:
     tables: {table name: [row dict, ...]}, e.g. per-embodiment success and return.
     curves: {curve name: [(step, value), ...]}, e.g. ``MetricWriter.curves()``.
     summary: flat facts about the run (steps, wall time, final loss, ...).
+    enabled: write at all; default: only process 0 of a multi-host job writes (the others, whose metric writers are
+      off, return the paths process 0 writes).
   """
   workdir = Path(workdir)
+  if not (_is_process_zero() if enabled is None else enabled):
+    return {"json": workdir / "report.json", "md": workdir / "report.md"}
   workdir.mkdir(parents=True, exist_ok=True)
   tables = {str(k): [dict(r) for r in v] for k, v in (tables or {}).items()}
   summary = dict(summary or {})

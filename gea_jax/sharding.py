@@ -164,6 +164,49 @@ def shard_module(module: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Mod
   return module
 
 
+def put(tree: Any, shardings: Any) -> Any:
+  """``jax.device_put`` that also works in a multi-host job.
+
+  ``shardings``: one sharding for every leaf, or a tree of them like ``tree``. A leaf held by this process's own
+  devices (an array computed here, e.g. from the same seed on every process) cannot be put on a sharding over other
+  processes' devices directly: it goes through the host, and JAX checks that every process holds the same value.
+  Global arrays and host arrays go straight to ``jax.device_put``.
+  """
+  def one(x, s):
+    if isinstance(x, jax.Array) and x.is_fully_addressable and not s.is_fully_addressable:
+      if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = jax.device_put(np.asarray(jax.random.key_data(x)), s)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+      return jax.device_put(np.asarray(x), s)
+    return jax.device_put(x, s)
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree.map(lambda x: one(x, shardings), tree)
+  return jax.tree.map(one, tree, shardings)
+
+
+def host_get(tree: Any) -> Any:
+  """``jax.device_get`` that also works in a multi-host job: an array sharded over other processes' devices is
+  gathered from all of them (a collective: every process must call it at the same point)."""
+  from jax.experimental import multihost_utils
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return jax.device_get(x)
+  return jax.tree.map(one, tree)
+
+
+def process_local_copy(module: nnx.Module) -> nnx.Module:
+  """In a multi-host job: a copy of ``module`` whose arrays are whole on this process's first device (gathered from
+  all processes; every process must call it), so each process can run it on its own, e.g. for evaluation. With one
+  process: ``module`` itself."""
+  if jax.process_count() == 1:
+    return module
+  graphdef, state = nnx.split(module)
+  local = jax.local_devices()[0]
+  return nnx.merge(graphdef, jax.tree.map(lambda x: jax.device_put(x, local), host_get(state)))
+
+
 def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
   """Sharding for a batch-major array: the leading axis over the "batch" rule, the rest replicated."""
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))

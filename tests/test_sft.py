@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny_agent_config import EMBODIMENTS, tiny_config
 
 from data_pipelines.rlds_builder import build_dataset
 from gea_jax import sharding
-from gea_jax.agent.config import agent_config
 from gea_jax.agent.context import load_context
 from gea_jax.agent.sequence import fill_action_ids
 from gea_jax.envs import registry
@@ -28,8 +28,6 @@ from gea_jax.tokenizers.artifact import save_artifact
 from gea_jax.tokenizers.rvq import ActionTokenizer, RVQConfig
 from gea_jax.train import sft
 from gea_jax.train.loop_utils import NonFiniteLossError
-
-EMBODIMENTS = ("reacher", "grid_goto")
 
 
 def _episodes(spec, rng, n, T=12):
@@ -74,28 +72,6 @@ def assets(tmp_path_factory):
   artifact = str(root / "artifact")
   save_artifact(artifact, tok, vocab)
   return dict(data_dir=data_dir, artifact=artifact, root=root)
-
-
-def tiny_config():
-  c = agent_config()
-  c.data.embodiments = ",".join(EMBODIMENTS)
-  c.data.image_size = 16
-  c.data.history = 3  # GEA's window (the embedded default uses 1): history frames are exercised
-  c.model.text_len = 24
-  c.model.llm.hidden_size = 32
-  c.model.llm.intermediate_size = 64
-  c.model.llm.num_layers = 1
-  c.model.llm.num_heads = 2
-  c.model.llm.num_kv_heads = 1
-  c.model.vision.channels = (8, 8)
-  c.model.value_hidden_dim = 16
-  c.sft.batch_size = 8
-  c.sft.steps = 6
-  c.sft.log_every = 1
-  c.sft.checkpoint_every = 3
-  c.sft.keep_checkpoints = 3
-  c.sft.warmup_steps = 1
-  return c
 
 
 def _losses(workdir):

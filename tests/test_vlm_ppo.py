@@ -16,6 +16,7 @@ import pytest
 import test_sft
 from flax import nnx
 from test_sft import EMBODIMENTS, tiny_config
+from tiny_agent_config import with_ppo
 
 from gea_jax.agent.context import load_context
 from gea_jax.agent.model import build_agent
@@ -41,19 +42,9 @@ def _config(mode="lora", history=None, film=False):
     c.data.history = history
   c.model.vision.text_film = film
   c.model.train_mode = mode
-  c.ppo = ppo.ppo_defaults()
+  with_ppo(c, num_envs=2, unroll_length=4, reset_pool=2, iterations=2, lr=1e-2)
   c.ppo.train_mode = ""  # follow model.train_mode (the default trains LoRA, GEA's choice)
-  c.ppo.embodiments = "grid_goto"
-  c.ppo.num_envs = 2
-  c.ppo.unroll_length = 4
-  c.ppo.reset_pool = 2
-  c.ppo.num_epochs = 1
-  c.ppo.num_minibatches = 2
-  c.ppo.iterations = 2
-  c.ppo.checkpoint_every = 1
-  c.ppo.lr = 1e-2
   c.ppo.kl_coef = 0.1
-  c.ppo.value_warmup_iterations = 0
   return c
 
 

@@ -7,6 +7,8 @@ rewards, success tests, observations and instructions are defined by the subclas
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import warnings
 
 import jax
@@ -22,7 +24,26 @@ def load_brax_env(name: str):
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from brax import envs as brax_envs
-    return brax_envs.get_environment(name, backend="positional")
+    with mjx_models_on_this_process():
+      return brax_envs.get_environment(name, backend="positional")
+
+
+@contextlib.contextmanager
+def mjx_models_on_this_process():
+  """brax's loader calls ``mujoco.mjx.put_model`` without a device, which then picks ``jax.devices()[0]``: in a
+  multi-host job that device belongs to process 0, so on every other process the System's arrays would hold no data
+  (any use fails with "spans non-addressable devices"). Within this context the loader's ``put_model`` puts the
+  model on this process's first device instead; with one process nothing changes."""
+  if jax.process_count() == 1:
+    yield
+    return
+  from brax.io import mjcf
+  original = mjcf.mjx.put_model
+  mjcf.mjx.put_model = functools.partial(original, device=jax.local_devices()[0])
+  try:
+    yield
+  finally:
+    mjcf.mjx.put_model = original
 
 
 class BraxBody(Embodiment):

@@ -51,7 +51,9 @@ def make_brax_env(name: str, backend: str = "positional", **kwargs):
     raise ValueError(f"env.backend: expected one of {BRAX_BACKENDS}, got {backend!r}")
   if name not in envs._envs:  # pylint: disable=protected-access
     raise ValueError(f"env.name: unknown brax env {name!r}; expected one of {sorted(envs._envs)}")
-  return envs.get_environment(name, backend=backend, **kwargs)
+  from gea_jax.envs.brax_body import mjx_models_on_this_process
+  with mjx_models_on_this_process():  # multi-host: the System on this process's device, not process 0's
+    return envs.get_environment(name, backend=backend, **kwargs)
 
 
 def _select(mask: jax.Array, a: Any, b: Any) -> Any:

@@ -220,7 +220,7 @@ class PPO:
     if self._reset_fn is None:
       sh = NamedSharding(self.mesh, PartitionSpec(self._env_axes))
       self._reset_fn = jax.jit(self.env.reset_batch, in_shardings=self._replicated(), out_shardings=sh)
-    return self._reset_fn(jax.device_put(key, self._replicated()))
+    return self._reset_fn(shd.put(key, self._replicated()))
 
   def init(self, key: jax.Array) -> PPOState:
     k_model, k_env, k_cache, k_state = jax.random.split(key, 4)
@@ -244,7 +244,7 @@ class PPO:
 
   def place(self, state: PPOState) -> PPOState:
     """Put a host/restored state onto this learner's mesh."""
-    return jax.device_put(state, self.state_shardings(state))
+    return shd.put(state, self.state_shardings(state))
 
   # --- acting ------------------------------------------------------------------------------------------
 

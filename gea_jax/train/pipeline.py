@@ -108,6 +108,18 @@ def action_noise(config) -> dict[str, float]:
 
 
 def build_data(config, data_dir: str) -> dict:
+  """The expert datasets (each skipped when it exists). In a multi-host job process 0 builds them and the others
+  wait for it (``data_dir`` must be a file system all hosts share)."""
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    summary = _build_data(config, data_dir) if jax.process_index() == 0 else {}
+    multihost_utils.sync_global_devices("gea_jax: expert datasets built")
+    return summary
+  return _build_data(config, data_dir)
+
+
+def _build_data(config, data_dir: str) -> dict:
   from data_pipelines.build import build
   summary = {}
   noise = action_noise(config)

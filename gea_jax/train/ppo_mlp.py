@@ -176,7 +176,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = state.replace(params=restored.params["model"], obs_stats=restored.params["obs_stats"],
                           opt_state=restored.opt_state["opt"], env_state=restored.opt_state["env"],
                           iteration=restored.opt_state["iteration"],
-                          key=jax.device_put(restored.rng, state.key.sharding))
+                          key=shd.put(restored.rng, state.key.sharding))
     logger.info("resumed %s from call %d (%d env steps)", workdir, start_call, start_call * steps_per_call)
 
   writer = MetricWriter(workdir, resume_step=start_call * steps_per_call if restored else None)

@@ -325,7 +325,7 @@ def train(config: ml_collections.ConfigDict, sources: Mapping[str, Any], specs: 
       batch = sharding.shard_batch({"a": a, "e": e}, mesh)
       m = step_fn(model, opt, batch["a"], batch["e"], jax.random.fold_in(key, step))
       if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
-        m = jax.device_get(m)
+        m = sharding.host_get(m)
         check_finite({"loss": m["loss"]}, step + 1)
         se, cnt = np.zeros(len(specs)), np.zeros(len(specs))
         np.add.at(se, e, m["row_se"])

@@ -1,0 +1,68 @@
+"""Multi-host start-up: joins this process to the job's other processes before JAX is first used.
+
+A multi-host job runs the same command on every host (one process per host); the processes then form one
+global mesh over all their devices, each process feeds its own part of the batches and of PPO's environments,
+and process 0 alone writes logs, reports and checkpoint metadata (every process writes its shards).
+
+- Cloud TPU pod slices (and SLURM, Kubernetes, Open MPI): ``--distributed=auto``: JAX finds the coordinator,
+  the number of processes and this process's id from the environment.
+- Anywhere else (e.g. several processes on one CPU machine, how the tests run it): ``--coordinator_address=HOST:PORT
+  --num_processes=N --process_id=I``. CPU processes exchange their collectives over gloo.
+- Neither: one process (the default).
+"""
+
+from __future__ import annotations
+
+import sys
+
+MODES = ("none", "auto", "explicit")
+
+
+class DistributedError(ValueError):
+  """A bad multi-host flag; the message names the flag and what was expected."""
+
+
+def mode_of(distributed: str, coordinator_address: str, num_processes: int | None, process_id: int | None) -> str:
+  """Which start-up the flags ask for ("none", "auto" or "explicit"); raises ``DistributedError`` on a bad mix."""
+  explicit = [name for name, v in (("--coordinator_address", coordinator_address), ("--num_processes", num_processes),
+                                   ("--process_id", process_id)) if v not in (None, "")]
+  if distributed not in ("", "none", "auto"):
+    raise DistributedError(f"--distributed: must be 'auto' or 'none', got {distributed!r}")
+  if distributed == "auto":
+    if explicit:
+      raise DistributedError(f"--distributed=auto finds the processes itself; drop {', '.join(explicit)}")
+    return "auto"
+  if not explicit:
+    return "none"
+  if len(explicit) != 3:
+    missing = [n for n in ("--coordinator_address", "--num_processes", "--process_id") if n not in explicit]
+    raise DistributedError(f"{', '.join(explicit)} given without {', '.join(missing)}: a multi-host start needs all three")
+  host, _, port = coordinator_address.rpartition(":")
+  if not host or not port.isdigit():
+    raise DistributedError(f"--coordinator_address: expected HOST:PORT, got {coordinator_address!r}")
+  if num_processes < 1:
+    raise DistributedError(f"--num_processes: must be >= 1, got {num_processes}")
+  if not 0 <= process_id < num_processes:
+    raise DistributedError(f"--process_id: must be in [0, {num_processes}), got {process_id}")
+  return "explicit"
+
+
+def initialize(distributed: str = "", coordinator_address: str = "", num_processes: int | None = None,
+               process_id: int | None = None, *, timeout_seconds: int = 300) -> bool:
+  """Joins the job's processes (see the module docstring); returns whether a multi-host start was made.
+
+  Must run before anything asks JAX for its devices.
+  """
+  mode = mode_of(distributed, coordinator_address, num_processes, process_id)
+  if mode == "none":
+    return False
+  backends = getattr(sys.modules.get("jax._src.xla_bridge"), "_backends", None)
+  if backends:
+    raise DistributedError("--distributed / --coordinator_address: JAX's devices were already used in this process; "
+                           "the multi-host start must come first")
+  import jax
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only read by the CPU backend
+  kwargs = {} if mode == "auto" else dict(coordinator_address=coordinator_address, num_processes=int(num_processes),
+                                          process_id=int(process_id))
+  jax.distributed.initialize(initialization_timeout=int(timeout_seconds), **kwargs)
+  return True
