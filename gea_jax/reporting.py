@@ -27,7 +27,7 @@ import numpy as np
 import tqdm
 
 
-def _is_process_zero() -> bool:
+def is_process_zero() -> bool:
   """Whether this is process 0 of a multi-host job (or the only process): the one that prints and writes logs."""
   try:
     import jax
@@ -92,7 +92,7 @@ class Progress:
     self.metrics: dict[str, Any] = {}
     self._t0 = time.monotonic()
     self._last_logged = self.initial
-    self.enabled = _is_process_zero() if enabled is None else bool(enabled)
+    self.enabled = is_process_zero() if enabled is None else bool(enabled)
     self._bar = tqdm.tqdm(total=self.total, initial=self.initial, desc=desc, file=self.stream,
                           dynamic_ncols=True) if self.tty and self.enabled else None
 
@@ -160,7 +160,7 @@ class MetricWriter:
     self.workdir = Path(workdir)
     self.logdir = self.workdir / "tensorboard"
     self.jsonl_path = self.workdir / "metrics.jsonl"
-    self.enabled = _is_process_zero() if enabled is None else enabled
+    self.enabled = is_process_zero() if enabled is None else enabled
     self._tb = None
     self._jsonl = None
     if not self.enabled:
@@ -324,7 +324,7 @@ def write_report(workdir: str | Path, title: str, tables: Mapping[str, Sequence[
       off, return the paths process 0 writes).
   """
   workdir = Path(workdir)
-  if not (_is_process_zero() if enabled is None else enabled):
+  if not (is_process_zero() if enabled is None else enabled):
     return {"json": workdir / "report.json", "md": workdir / "report.md"}
   workdir.mkdir(parents=True, exist_ok=True)
   tables = {str(k): [dict(r) for r in v] for k, v in (tables or {}).items()}

@@ -109,7 +109,8 @@ def test_tokenizer_on_two_processes_equals_one_process(tiny_assets, tmp_path):
            "--config.rvq.hidden=32"]
   config = "configs/rvq.py:reacher,grid_goto"
   run_one_process(config, tmp_path / "one", *flags)
-  run_two_processes(config, tmp_path / "two", *flags)
+  outs = run_two_processes(config, tmp_path / "two", *flags)
+  assert ["rvq: artifact" in o for o in outs] == [True, False]  # the result line: process 0's stdout alone
   got, want = (metric_rows(tmp_path / d / "metrics.jsonl") for d in ("two", "one"))
   # The first steps agree to float rounding. Later, a nearest-code assignment flipped by the order of the
   # cross-device sums moves the run by ~0.3%: one process with 1, 2 or 4 devices differs from itself by as

@@ -229,10 +229,11 @@ def run(config, workdir: str) -> dict:
              "final_token_accuracy": result.final_metrics.get("token_accuracy"),
              "wall_time_s": round(time.time() - t0, 1), "sft_wall_time_s": round(result.wall_time, 1),
              "rvq": rvq_metrics}
-  from gea_jax.reporting import write_report
+  from gea_jax.reporting import is_process_zero, write_report
   write_report(workdir, "gea_jax end-to-end run", tables=tables, curves=curves, summary=summary)
   for r in rows:
     logging.info("%s %s/%s: success %.2f (expert %s)", r["stage"], r["embodiment"], r["split"], r["success_rate"],
                  r["expert_success_rate"])
-  print(json.dumps({"rows": rows, **{k: v for k, v in summary.items() if k != "rvq"}}, default=str))
+  if is_process_zero():
+    print(json.dumps({"rows": rows, **{k: v for k, v in summary.items() if k != "rvq"}}, default=str))
   return {"rows": rows, "summary": summary}

@@ -366,7 +366,7 @@ def load_sources(config: ml_collections.ConfigDict) -> tuple[dict[str, ActionSou
 def run(config: ml_collections.ConfigDict, workdir: str, source: Mapping[str, Any] | None = None,
         specs: Sequence[EmbodimentSpec] | None = None) -> TrainResult:
   """Train and write ``WORKDIR/artifact`` + logs + report. ``source`` overrides ``config.data``."""
-  from gea_jax.reporting import MetricWriter, write_report
+  from gea_jax.reporting import MetricWriter, is_process_zero, write_report
 
   validate(config)
   workdir = Path(workdir)
@@ -394,5 +394,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, source: Mapping[str, An
                                      "num_ids": result.vocab.num_ids,
                                      "tokens_per_action": result.vocab.max_tokens})
   logger.info("RVQ artifact written to %s; nmse %s", path, result.nmse)
-  print(f"rvq: artifact {path}; nmse " + ", ".join(f"{k}={v:.4g}" for k, v in result.nmse.items()), flush=True)
+  if is_process_zero():
+    print(f"rvq: artifact {path}; nmse " + ", ".join(f"{k}={v:.4g}" for k, v in result.nmse.items()), flush=True)
   return result
