@@ -23,6 +23,9 @@ TIMEOUT = 600
 
 def _env(devices: int) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu")
+  # the suite's cheap compile settings (tests/conftest.py), which a subprocess would not inherit
+  env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "false" if os.environ.get("GEA_TEST_XLA_OPTIMIZE", "") in ("1", "true") \
+      else "true"
   env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
                       "--xla_cpu_enable_concurrency_optimized_scheduler=false")
   return env
