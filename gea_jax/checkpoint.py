@@ -64,6 +64,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from gea_jax import distributed
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -402,8 +404,7 @@ class Checkpointer:
         shutil.rmtree(dst)
       dst.parent.mkdir(parents=True, exist_ok=True)
       shutil.copytree(src, dst)
-    if jax.process_count() > 1:
-      ocp.multihost.sync_global_processes(f"gea_stage_asset_{name}")
+    distributed.barrier(f"checkpoint asset {name} staged in {self._staging}")
 
   def staged_assets(self) -> dict[str, Path]:
     if not self._staging.is_dir():
@@ -590,7 +591,6 @@ class Checkpointer:
         dst, n = self.corrupt_directory / f"{step}.{n}", n + 1
       shutil.move(str(src), str(dst))
       logger.error("moved unreadable checkpoint step %d from %s to %s", step, src, dst)
-    if jax.process_count() > 1:
-      ocp.multihost.sync_global_processes(f"gea_quarantine_{step}")
+    distributed.barrier(f"checkpoint {step} quarantined from {self.directory}")
     self._manager.reload()
 

@@ -66,3 +66,26 @@ def initialize(distributed: str = "", coordinator_address: str = "", num_process
                                           process_id=int(process_id))
   jax.distributed.initialize(initialization_timeout=int(timeout_seconds), **kwargs)
   return True
+
+
+_BARRIER_USES: dict[str, int] = {}
+
+
+def barrier(name: str, timeout_seconds: int = 6 * 3600) -> None:
+  """Waits until every process of the job has reached ``name``; a no-op in a one-process run.
+
+  A barrier of JAX's coordination service, not a device collective: the processes may arrive far apart (process 0
+  building the datasets or writing the tokenizer while the others wait), which a collective does not survive (CPU
+  processes' gloo transport gives up after 30 s). Every process must pass the same names in the same order.
+  """
+  import jax
+  if jax.process_count() == 1:
+    return
+  uses = _BARRIER_USES[name] = _BARRIER_USES.get(name, 0) + 1
+  from jax._src import distributed as jax_distributed
+  client = jax_distributed.global_state.client
+  if client is None:  # a runtime that formed the processes without JAX's client: fall back to a collective
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"{name} #{uses}")
+    return
+  client.wait_at_barrier(f"gea_jax: {name} #{uses}", int(timeout_seconds * 1000))

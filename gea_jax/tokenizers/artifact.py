@@ -75,7 +75,7 @@ def save_artifact(path: str | os.PathLike, tokenizer: ActionTokenizer, vocab: Ac
           "specs": [s.to_json() for s in tokenizer.specs], "vocab": vocab.layout.to_json(),
           "normalization": _normalization_json(tokenizer), "config": config_to_json(config),
           "metrics": metrics or {}, "versions": versions()}
-  tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+  tmp = path.parent / f".{path.name}.tmp-{_job_unique_suffix()}"  # one directory for all processes of a job
   path.parent.mkdir(parents=True, exist_ok=True)
   ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
   ckptr.save(tmp, args=ocp.args.Composite(state=ocp.args.StandardSave(_host_pure_dict(tokenizer)),
@@ -89,7 +89,18 @@ def save_artifact(path: str | os.PathLike, tokenizer: ActionTokenizer, vocab: Ac
     tmp.rename(path)
     if old is not None:
       shutil.rmtree(old, ignore_errors=True)
+  from gea_jax import distributed
+  distributed.barrier(f"rvq artifact {path}")  # no process reads the artifact before process 0 has put it in place
   return path
+
+
+def _job_unique_suffix() -> str:
+  """A random hex suffix, the same on every process of a multi-host job (process 0's)."""
+  value = int(uuid.uuid4().hex[:7], 16)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    value = int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+  return f"{value:07x}"
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

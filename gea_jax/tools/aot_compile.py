@@ -1,7 +1,8 @@
-"""Compile-only check of a config against a TPU topology: does its SFT step fit a pod's chips, as it would shard?
+"""Compile-only check of a config against a TPU topology: do its SFT step or its PPO programs fit a pod's chips, as
+they would shard?
 
     python -m gea_jax.tools.aot_compile --config=configs/gea_smollm2.py --topology=v5e:2x4 \
-        [--config.mesh.shape=1,-1,1] [--config.sft.batch_size=256] [--config.X=...]
+        [--stage=sft|ppo] [--config.mesh.shape=1,-1,1] [--config.sft.batch_size=256] [--config.X=...]
 
 No TPU is needed: with libtpu present (``make install`` puts it in ``.venv/tpu``; or ``pip install
 "jax[tpu]==0.10.2"``), `jax.experimental.topologies.get_topology_desc` describes the topology's chips on this CPU
@@ -12,11 +13,18 @@ its optimizer state, and a global batch of ``sft.batch_size`` sequences of the c
 program's ``memory_analysis()`` gives each chip's bytes (arguments, outputs, temporaries, aliased donations) and
 ``cost_analysis()`` its FLOPs; XLA:TPU itself refuses a program whose buffers exceed the chip's HBM.
 
-Prints a table and, as its last line, JSON: ``topology``, ``chips``, ``mesh``, ``bytes_per_chip`` (arguments +
-outputs - aliased + temporaries + code), its parts, ``hbm_bytes_per_chip`` and ``fits`` (within ``--max_hbm_fraction``
-of the HBM); exits with status 1 and a message naming the config keys to change when the step does not fit, 2 on a
-bad flag or a missing libtpu. The action tokenizer is an untrained one of the shape the pipeline trains over
-``data.embodiments`` (the shapes are those of a trained one). PPO's collector and update are not compiled here.
+``--stage=ppo`` compiles what `gea_jax.train.ppo.VlmPPO` jits instead: each embodiment's collector
+(``collect/NAME``: ``ppo.unroll_length`` steps of ``ppo.num_envs`` envs with KV-cached decoding) and the update
+(``update``: GAE, the epochs of minibatch Adam steps, the joint SFT batches when ``ppo.sft_coef > 0``), from a learner
+built with ``compile_only=True`` (abstract parameters, optimizer and critic state on the topology's mesh; two env
+resets run on the CPU for the reset pool's shapes).
+
+Prints a table per program and, as its last line, JSON: ``topology``, ``chips``, ``mesh``, the largest program's
+``bytes_per_chip`` (arguments + outputs - aliased + temporaries + code) and its parts, ``programs`` (every program's),
+``hbm_bytes_per_chip`` and ``fits`` (within ``--max_hbm_fraction`` of the HBM); exits with status 1 and a message
+naming the config keys to change when a program does not fit, 2 on a bad flag or a missing libtpu. The action
+tokenizer is an untrained one of the shape the pipeline trains over ``data.embodiments`` (the shapes are those of a
+trained one).
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Agent config (configs/*.py).")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "TPU topology, e.g. v5e:2x4, v4:2x2x2, v5p:2x2x2, v6e:4x4.")
+_STAGE = flags.DEFINE_enum("stage", "sft", ["sft", "ppo"], "What to compile: the SFT step, or PPO's collectors "
+                           "(one per embodiment) and update.")
 _MAX_FRACTION = flags.DEFINE_float("max_hbm_fraction", 1.0, "Fail when the step needs more than this fraction of a "
                                    "chip's HBM (e.g. 0.9 to keep room for the evaluation's or the collector's buffers).")
 
@@ -154,6 +164,93 @@ def compile_sft_step(config, devices):
     return lowered.compile(), mesh, ctx
 
 
+def _out_abstract(compiled):
+  """A compiled program's outputs as `jax.ShapeDtypeStruct` with their shardings (inputs of the next program)."""
+  return jax.tree.map(lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=getattr(o.sharding, "sharding",
+                                                                                         o.sharding)),
+                      compiled.out_info)
+
+
+def _reset_pool_abstract(learner, e_idx: int, size: int):
+  """The ``size``-state reset pool of ``learner``'s embodiment ``e_idx``, abstract and split over the envs' axes
+  (two states are built on the CPU for their shapes)."""
+  from gea_jax.agent.rollout import make_reset_pool
+  pool = make_reset_pool(learner.envs[e_idx], learner.ctx, learner.ids[e_idx], jax.random.key(0), 2,
+                         str(learner.p.task_split))
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct((size,) + x.shape[1:], x.dtype, sharding=learner.pool_sharding),
+                      pool)
+
+
+def compile_ppo_programs(config, devices):
+  """XLA:TPU's compiled PPO programs of ``config`` on a mesh over ``devices``: each embodiment's collector
+  (``collect/NAME``: ``ppo.unroll_length`` steps of ``ppo.num_envs`` envs, KV-cached decoding) and the update
+  (``update``: GAE, ``ppo.num_epochs`` x ``ppo.num_minibatches`` Adam steps, the joint SFT batches when
+  ``ppo.sft_coef > 0``), as `gea_jax.train.ppo.VlmPPO` jits them. Returns ({name: compiled}, mesh, ctx)."""
+  import ml_collections
+
+  from gea_jax import sharding
+  from gea_jax.agent.model import build_agent
+  from gea_jax.agent.rollout import initial_episodes
+  from gea_jax.train import pipeline, ppo, sft
+
+  config = ml_collections.ConfigDict(config.to_dict())
+  if "ppo" not in config:
+    config.ppo = ppo.ppo_defaults()
+  # a compile-only check reads neither the tokenizer artifact nor the datasets (validate asks for both)
+  config.sft.tokenizer_artifact = config.sft.tokenizer_artifact or "(compile only)"
+  config.data.data_dir = config.data.data_dir or "(compile only)"
+  embodiments = pipeline.validate_embodiments(config)
+  sft.validate_sft(config, num_devices=len(devices))  # mesh.shape against the topology's chips
+  mesh, rules = sft.mesh_and_rules(config, sharding.make_mesh(tuple(config.mesh.shape), devices))
+  ppo.validate(config, mesh)
+  p = config.ppo
+  names = ppo.embodiment_names(config)
+  ctx = compile_context(config, embodiments)
+
+  def build():
+    model = build_agent(config.model, ctx.layout, ctx.max_state_dim, ctx.vocab.total_vocab_size,
+                        seed=int(config.seed))
+    ppo.prepare_model(model, config)  # LoRA adapters attached as the trainer attaches them
+    return model
+
+  model = nnx.eval_shape(build)
+  wrt, _ = ppo.prepare_model(model, config)
+  n = int(p.num_envs)
+  # what runs for real (the learner's small host-side arrays, two env resets for the pool's shapes) runs on the CPU:
+  # the TPU backend here only compiles
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):
+    learner = ppo.VlmPPO(p, ctx, model, wrt, names, seed=int(config.seed), mesh=mesh, rules=rules,
+                         compile_only=True)
+    pools = [_reset_pool_abstract(learner, i, n * (1 + int(p.reset_pool))) for i in range(len(names))]
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=learner.replicated)
+  programs, trajs, boots = {}, [], []
+  with sharding.use_mesh(mesh, rules):
+    for i, (name, pool) in enumerate(zip(names, pools)):
+      args = [learner.params, learner.rest, pool, key, learner.mask_table]
+      if learner.continue_episodes:
+        start = jax.eval_shape(lambda pool: initial_episodes(ctx, pool, n), pool)
+        args.append(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=learner.pool_sharding),
+                                 start))
+      compiled = learner._collect[i].lower(*args).compile()
+      programs[f"collect/{name}"] = compiled
+      out = _out_abstract(compiled)
+      trajs.append(out[0])
+      boots.append(out[1])
+    sft_batch = None
+    if learner.sft_names:
+      one = example_sequence(ctx, learner.sft_names[0])
+      b = int(p.sft_batch_size)
+      lead = (int(p.num_epochs), int(p.num_minibatches)) if learner.sft_batch_per_step else ()
+      sft_batch = {k: jax.ShapeDtypeStruct(lead + (b,) + x.shape, x.dtype, sharding=NamedSharding(
+          mesh, PartitionSpec(*(None,) * len(lead), *sharding.batch_sharding(mesh, x.ndim + 1, rules).spec)))
+          for k, x in one.items()}
+    weight = jax.ShapeDtypeStruct((), np.float32, sharding=learner.replicated)
+    programs["update"] = learner._update.lower(learner.params, learner.opt_state, learner.rest, learner.ref_params,
+                                               trajs, boots, key, learner.mask_table, weight, sft_batch,
+                                               learner.critic_state).compile()
+  return programs, mesh, ctx
+
+
 def memory_report(compiled) -> dict[str, int]:
   m = compiled.memory_analysis()
   parts = dict(argument_bytes=int(m.argument_size_in_bytes), output_bytes=int(m.output_size_in_bytes),
@@ -164,45 +261,76 @@ def memory_report(compiled) -> dict[str, int]:
   return parts
 
 
-def _too_big(topology: str, needed: str) -> None:
-  print(f"aot_compile: the SFT step does not fit a {topology} chip: {needed}. Lower sft.batch_size (or raise "
-        "sft.grad_accum), shard parameters over more chips (mesh.shape's fsdp entry), or set model.llm.remat=True",
-        file=sys.stderr)
+_ADVICE = {
+    "sft": "Lower sft.batch_size (or raise sft.grad_accum), shard parameters over more chips (mesh.shape's fsdp "
+           "entry), or set model.llm.remat=True",
+    "ppo": "Lower ppo.num_envs, raise ppo.num_minibatches (a smaller minibatch per Adam step), lower "
+           "ppo.sft_batch_size, shard parameters over more chips (mesh.shape's fsdp entry), or set model.llm.remat=True",
+}
+
+
+def _too_big(stage: str, topology: str, needed: str) -> None:
+  what = "SFT step" if stage == "sft" else "PPO programs"
+  print(f"aot_compile: the {what} do{'es' if stage == 'sft' else ''} not fit a {topology} chip: {needed}. "
+        f"{_ADVICE[stage]}", file=sys.stderr)
+
+
+def _flops(compiled) -> float | None:
+  cost = compiled.cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", float("nan")))
+  return None if math.isnan(flops) else flops
+
+
+def _sizes(config, stage: str) -> dict:
+  if stage == "sft":
+    return dict(batch_size=int(config.sft.batch_size))
+  p = config.get("ppo") or {}
+  return dict(num_envs=p.get("num_envs"), unroll_length=p.get("unroll_length"), num_minibatches=p.get("num_minibatches"))
 
 
 def main(argv):
   del argv
   config = _CONFIG.value
   topology = _TOPOLOGY.value
+  stage = _STAGE.value
   try:
     hbm = hbm_bytes(topology)
     devices = topology_devices(topology)
-    compiled, mesh, ctx = compile_sft_step(config, devices)
+    if stage == "sft":
+      compiled, mesh, ctx = compile_sft_step(config, devices)
+      programs = {"sft_step": compiled}
+    else:
+      programs, mesh, ctx = compile_ppo_programs(config, devices)
   except (ValueError, RuntimeError) as e:
     if "RESOURCE_EXHAUSTED" in str(e):  # XLA:TPU refuses programs whose buffers exceed the chip's HBM
-      _too_big(topology, str(e).splitlines()[0])
-      print(json.dumps(dict(topology=topology, stage="sft", batch_size=int(config.sft.batch_size), fits=False)))
+      _too_big(stage, topology, str(e).splitlines()[0])
+      print(json.dumps(dict(topology=topology, stage=stage, **_sizes(config, stage), fits=False)))
       sys.exit(1)
     print(f"aot_compile: {e}", file=sys.stderr)
     sys.exit(2)
-  mem = memory_report(compiled)
-  cost = compiled.cost_analysis() or {}
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", float("nan")))
+  reports = {name: dict(memory_report(c), flops_per_chip=_flops(c)) for name, c in programs.items()}
+  largest = max(reports, key=lambda k: reports[k]["bytes_per_chip"])
   gib = lambda x: f"{x / 2**30:.3f} GiB"
+  shape = (f"global batch {int(config.sft.batch_size)} x {ctx.layout.seq_len} tokens" if stage == "sft" else
+           ", ".join(f"{k} {v}" for k, v in _sizes(config, stage).items()) + f", {ctx.layout.seq_len}-token prompts")
   print(f"topology {topology}: {len(devices)} chips ({devices[0].device_kind}), HBM {gib(hbm)} per chip; "
-        f"mesh {dict(mesh.shape)}; SFT step, global batch {int(config.sft.batch_size)} x {ctx.layout.seq_len} tokens")
-  for k in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "code_bytes", "bytes_per_chip"):
-    print(f"  {k:<16} {gib(mem[k]):>14}")
-  print(f"  flops per chip   {flops:.3e}")
+        f"mesh {dict(mesh.shape)}; {stage.upper()}: {shape}")
+  for name, r in reports.items():
+    print(f"  {name}{'  (largest)' if len(reports) > 1 and name == largest else ''}")
+    for k in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "code_bytes", "bytes_per_chip"):
+      print(f"    {k:<16} {gib(r[k]):>14}")
+    print(f"    flops per chip   {r['flops_per_chip'] or float('nan'):.3e}")
   fraction = float(_MAX_FRACTION.value)
+  mem = reports[largest]
   fits = mem["bytes_per_chip"] <= fraction * hbm
   out = dict(topology=topology, chips=len(devices), device_kind=devices[0].device_kind, mesh=dict(mesh.shape),
-             stage="sft", batch_size=int(config.sft.batch_size), seq_len=ctx.layout.seq_len, **mem,
+             stage=stage, **_sizes(config, stage), seq_len=ctx.layout.seq_len, largest=largest, **mem,
              hbm_bytes_per_chip=hbm, hbm_fraction=round(mem["bytes_per_chip"] / hbm, 4), max_hbm_fraction=fraction,
-             flops_per_chip=None if math.isnan(flops) else flops, fits=fits)
+             fits=fits, programs=reports)
   if not fits:
-    _too_big(topology, f"{gib(mem['bytes_per_chip'])} per chip, more than {fraction:g} x its HBM of {gib(hbm)}")
+    _too_big(stage, topology, f"{largest} needs {gib(mem['bytes_per_chip'])} per chip, more than {fraction:g} x its "
+             f"HBM of {gib(hbm)}")
   print(json.dumps(out))
   if not fits:
     sys.exit(1)

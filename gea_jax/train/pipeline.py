@@ -112,9 +112,9 @@ def build_data(config, data_dir: str) -> dict:
   wait for it (``data_dir`` must be a file system all hosts share)."""
   import jax
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
+    from gea_jax import distributed
     summary = _build_data(config, data_dir) if jax.process_index() == 0 else {}
-    multihost_utils.sync_global_devices("gea_jax: expert datasets built")
+    distributed.barrier(f"expert datasets built in {data_dir}")
     return summary
   return _build_data(config, data_dir)
 

@@ -253,7 +253,9 @@ def make_envs(p, names: Sequence[str]) -> list:
   return envs
 
 
-def validate(config) -> None:
+def validate(config, mesh: Mesh | None = None) -> None:
+  """One-line ``ConfigError`` naming the first bad ``ppo.*`` key; ``mesh``: the run's (default: ``mesh.shape`` over
+  all devices)."""
   from gea_jax.train import sft
   sft.validate_model(config)
   p = "ppo"
@@ -296,7 +298,7 @@ def validate(config) -> None:
              f"must divide the batch of {n} transitions (embodiments x num_envs x unroll_length)",
              config.ppo.num_minibatches)
   grad_accum_steps(config.ppo)
-  validate_mesh(config)
+  validate_mesh(config, mesh)
 
 
 def mesh_shards(logical: str, rules, shape_of: dict[str, int]) -> tuple[int, str]:
@@ -440,11 +442,30 @@ _COMPILED: dict[Any, Any] = {}
 
 
 def place_opt_state(tx: optax.GradientTransformation, opt_state, params, mesh: Mesh):
-  """``opt_state`` on ``mesh``: per-parameter leaves (Adam's moments) like their parameters, the rest replicated."""
+  """``opt_state`` on ``mesh``: per-parameter leaves (Adam's moments) like their parameters, the rest replicated.
+  Abstract leaves (`jax.ShapeDtypeStruct`, see ``VlmPPO(compile_only=True)``) get the shardings they would have."""
   rep = NamedSharding(mesh, PartitionSpec())
   param_sh = jax.tree.map(lambda x: x.sharding, params)
   sh = optax.tree_map_params(tx, lambda _, s: s, opt_state, param_sh, transform_non_params=lambda _: rep)
-  return jax.device_put(opt_state, sh)
+  return place(opt_state, sh)
+
+
+def place(tree, shardings):
+  """``tree`` on ``shardings`` (one, or a tree of them like ``tree``): arrays are put there (`sharding.put`); an
+  abstract tree (`jax.ShapeDtypeStruct` leaves) only takes the shardings."""
+  if not all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree)):
+    return sharding.put(tree, shardings)
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def abstract_on_mesh(state, mesh: Mesh, rules) -> Any:
+  """An abstract model state (leaves `jax.ShapeDtypeStruct`, from `nnx.eval_shape`) with each variable's sharding
+  on ``mesh`` by its logical axes, as `sharding.shard_module` would place it."""
+  shardings = sharding.state_shardings(state, mesh, rules)
+  return jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), state, shardings,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 class VlmPPO:
@@ -457,21 +478,26 @@ class VlmPPO:
   """
 
   def __init__(self, p, ctx: AgentContext, model: AgentModel, wrt, embodiments: Sequence[str], seed: int = 0,
-               sft_iterator=None, mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES):
+               sft_iterator=None, mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES, compile_only: bool = False):
     """sft_iterator: expert batches (``sft.make_iterator``) for the joint SFT loss; required when p.sft_coef > 0.
 
     mesh: default one device (the first). ``model`` is placed on it in place (`sharding.shard_module`), and its
     tiny CNN encoders compute convolution gradients as im2col matmuls from then on (`use_loop_gradients`: same
     values, faster inside the update's scan, ~7% slower in a plain training step).
+    compile_only: ``model`` is abstract (`nnx.eval_shape`) and ``mesh`` may be a compile-only TPU topology's: the
+    learner's arrays (parameters, optimizer and critic state, mask table) are `jax.ShapeDtypeStruct` with the
+    shardings they would have, for lowering ``_collect`` / ``_update`` (`gea_jax.tools.aot_compile`); it cannot
+    collect or update, and needs no ``sft_iterator``.
     """
-    if float(p.get("sft_coef", 0.0)) > 0 and sft_iterator is None:
+    uses_sft = float(p.get("sft_coef", 0.0)) > 0
+    if uses_sft and sft_iterator is None and not compile_only:
       raise ValueError("ppo.sft_coef > 0 needs expert data: pass sft_iterator (gea_jax.train.sft.make_iterator)")
     self.p, self.ctx, self.model, self.wrt = p, ctx, model, wrt
     self.mesh = mesh if mesh is not None else sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     self.rules = tuple(rules)
     self.sft_iterator = sft_iterator
     self.sft_batch_per_step = bool(p.get("sft_batch_per_step", True))
-    self.sft_names = list(sft_embodiment_names(p, list(ctx.names))) if sft_iterator is not None else []
+    self.sft_names = list(sft_embodiment_names(p, list(ctx.names))) if uses_sft else []
     self.sft_ids = [ctx.index(n) for n in self.sft_names]
     self.names = list(embodiments)
     self.ids = [ctx.index(n) for n in self.names]
@@ -485,14 +511,20 @@ class VlmPPO:
     self.replicated = NamedSharding(self.mesh, PartitionSpec())
     self.pool_sharding = NamedSharding(self.mesh, PartitionSpec(env_axes))            # [P, ...]
     self.traj_sharding = NamedSharding(self.mesh, PartitionSpec(None, env_axes))      # [T, N, ...]
-    sharding.shard_module(model, self.mesh, self.rules)
+    if not compile_only:
+      sharding.shard_module(model, self.mesh, self.rules)
     use_loop_gradients(model)  # the update's gradient steps run in a lax.scan: see gea_jax.models.tiny_cnn.conv_same
     self.graphdef, params, self.rest = nnx.split(model, wrt, ...)
+    if compile_only:
+      params, self.rest = (abstract_on_mesh(s, self.mesh, self.rules) for s in (params, self.rest))
     self.params = params
-    self.ref_params = jax.tree.map(jnp.copy, params)  # the frozen starting (SFT) policy, laid out like params
+    # the frozen starting (SFT) policy, laid out like params
+    self.ref_params = params if compile_only else jax.tree.map(jnp.copy, params)
     self.tx = make_optimizer(p)
-    self.opt_state = place_opt_state(self.tx, self.tx.init(params), params, self.mesh)
-    self.mask_table = jax.device_put(jnp.asarray(ctx.vocab.mask_table), self.replicated)
+    opt_state = jax.eval_shape(self.tx.init, params) if compile_only else self.tx.init(params)
+    self.opt_state = place_opt_state(self.tx, opt_state, params, self.mesh)
+    table = jnp.asarray(ctx.vocab.mask_table)
+    self.mask_table = place(jax.eval_shape(lambda: table) if compile_only else table, self.replicated)
     self.seed_key = jax.random.key(int(seed))
     if self.privileged:
       self.critic_features = [privileged_features(env) for env in self.envs]
@@ -502,7 +534,9 @@ class VlmPPO:
       self.critic_graphdef, critic_params = nnx.split(critic)
       critic_lr, self.critic_epochs = critic_fit_settings(p)
       self.critic_tx = optax.adam(critic_lr)
-      self.critic_state = jax.device_put((critic_params, self.critic_tx.init(critic_params)), self.replicated)
+      critic_state = (critic_params, self.critic_tx.init(critic_params))
+      self.critic_state = place(jax.eval_shape(lambda: critic_state) if compile_only else critic_state,
+                                self.replicated)
     graphdef = self.graphdef
     state_sh = jax.tree.map(lambda x: x.sharding, (self.params, self.opt_state))
 
