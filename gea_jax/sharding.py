@@ -184,6 +184,15 @@ def put(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(one, tree, shardings)
 
 
+def abstract_on(tree: Any, shardings: Any) -> Any:
+  """``tree``'s leaves (arrays or `jax.ShapeDtypeStruct`) as `jax.ShapeDtypeStruct` on ``shardings`` (one sharding
+  for every leaf, or a tree of them like ``tree``): the inputs of a program lowered without its data."""
+  sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree.map(lambda x: sds(x, shardings), tree)
+  return jax.tree.map(sds, tree, shardings)
+
+
 def host_get(tree: Any) -> Any:
   """``jax.device_get`` that also works in a multi-host job: an array sharded over other processes' devices is
   gathered from all of them (a collective: every process must call it at the same point)."""

@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from gea_jax import sharding
 from gea_jax.checkpoint import config_to_json, versions
 from gea_jax.envs.spec import EmbodimentSpec
 from gea_jax.tokenizers.action_vocab import ActionVocab, VocabLayout
@@ -39,17 +40,8 @@ class ArtifactError(ValueError):
   """An artifact directory is missing, damaged or not an RVQ tokenizer artifact (names the path)."""
 
 
-def _to_host(x) -> np.ndarray:
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:  # multi-process
-    if x.is_fully_replicated:
-      return np.asarray(x.addressable_data(0))
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
-
-
 def _host_pure_dict(tokenizer: ActionTokenizer) -> dict:
-  return jax.tree.map(_to_host, nnx.to_pure_dict(nnx.state(tokenizer)))
+  return sharding.host_get(nnx.to_pure_dict(nnx.state(tokenizer)))  # gathered in a multi-host job
 
 
 def _normalization_json(tokenizer: ActionTokenizer) -> dict[str, Any]:

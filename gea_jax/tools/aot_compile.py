@@ -117,11 +117,6 @@ def example_sequence(ctx, name: str) -> dict[str, np.ndarray]:
   return model_arrays(sequence_builder(ctx, [name])(sample))
 
 
-def abstract(tree, shardings):
-  """``tree``'s leaves as `jax.ShapeDtypeStruct` with the given shardings (same structure)."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 def compile_sft_step(config, devices):
   """XLA:TPU's compiled SFT step of ``config`` on a mesh over ``devices``; returns (compiled, mesh, ctx)."""
   from gea_jax import sharding
@@ -144,7 +139,7 @@ def compile_sft_step(config, devices):
   state_sh = sharding.state_shardings(state, mesh, rules)
   values = lambda tree: jax.tree.map(lambda v: v.get_value() if isinstance(v, nnx.Variable) else v, tree,
                                      is_leaf=lambda x: isinstance(x, nnx.Variable))
-  state_in = abstract(values(state), values(state_sh))
+  state_in = sharding.abstract_on(values(state), values(state_sh))
   b = int(config.sft.batch_size)
   one = example_sequence(ctx, embodiments[0])
   batch = {k: jax.ShapeDtypeStruct((b,) + x.shape, x.dtype, sharding=sharding.batch_sharding(mesh, x.ndim + 1, rules))
@@ -174,11 +169,12 @@ def _out_abstract(compiled):
 def _reset_pool_abstract(learner, e_idx: int, size: int):
   """The ``size``-state reset pool of ``learner``'s embodiment ``e_idx``, abstract and split over the envs' axes
   (two states are built on the CPU for their shapes)."""
+  from gea_jax import sharding
   from gea_jax.agent.rollout import make_reset_pool
   pool = make_reset_pool(learner.envs[e_idx], learner.ctx, learner.ids[e_idx], jax.random.key(0), 2,
                          str(learner.p.task_split))
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct((size,) + x.shape[1:], x.dtype, sharding=learner.pool_sharding),
-                      pool)
+  return sharding.abstract_on(jax.tree.map(lambda x: jax.ShapeDtypeStruct((size,) + x.shape[1:], x.dtype), pool),
+                              learner.pool_sharding)
 
 
 def compile_ppo_programs(config, devices):
@@ -229,8 +225,7 @@ def compile_ppo_programs(config, devices):
       args = [learner.params, learner.rest, pool, key, learner.mask_table]
       if learner.continue_episodes:
         start = jax.eval_shape(lambda pool: initial_episodes(ctx, pool, n), pool)
-        args.append(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=learner.pool_sharding),
-                                 start))
+        args.append(sharding.abstract_on(start, learner.pool_sharding))
       compiled = learner._collect[i].lower(*args).compile()
       programs[f"collect/{name}"] = compiled
       out = _out_abstract(compiled)

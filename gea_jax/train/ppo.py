@@ -453,11 +453,9 @@ def place_opt_state(tx: optax.GradientTransformation, opt_state, params, mesh: M
 def place(tree, shardings):
   """``tree`` on ``shardings`` (one, or a tree of them like ``tree``): arrays are put there (`sharding.put`); an
   abstract tree (`jax.ShapeDtypeStruct` leaves) only takes the shardings."""
-  if not all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree)):
-    return sharding.put(tree, shardings)
-  if isinstance(shardings, jax.sharding.Sharding):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree)
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+  if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree)):
+    return sharding.abstract_on(tree, shardings)
+  return sharding.put(tree, shardings)
 
 
 def abstract_on_mesh(state, mesh: Mesh, rules) -> Any:
