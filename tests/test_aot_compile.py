@@ -87,5 +87,8 @@ def test_ppo_collectors_and_update_compile_for_a_v5e_pod():
   # the update re-scores whole sequences with gradients for several epochs: the largest program and most FLOPs
   assert report["largest"] == "update" and report["bytes_per_chip"] == report["programs"]["update"]["bytes_per_chip"]
   assert all(report["programs"]["update"]["flops_per_chip"] > report["programs"][b]["flops_per_chip"] for b in bodies)
+  # the update donates the parameters and Adam state: its outputs (those, and a few metrics) reuse their buffers
+  update = report["programs"]["update"]
+  assert update["alias_bytes"] > 0.9 * update["output_bytes"]
   assert bad_code == 2 and bad_report is None, bad_err[-3000:]
   assert "aot_compile: ppo.num_envs: must be divisible by the data*fsdp mesh size 4" in bad_err

@@ -281,3 +281,58 @@ def test_gguf_sentencepiece_vocab_equals_sentencepiece(tmp_path, sp_model):
       assert ids == ref.encode(text, add_special_tokens=False), text
       assert tok.encode(text, add_special_tokens=True) == ref.encode(text), text
   assert tok.encode("</s>") == [2]  # control tokens in the text stay whole
+
+
+def _reader_metadata(path):
+  """gguf's own reader's key/values, without its pseudo-keys for the header's counts (GGUF.version, ...)."""
+  from gea_jax.interop.gguf import gguf_metadata, open_gguf
+  return {k: v for k, v in gguf_metadata(open_gguf(path)).items() if not k.startswith("GGUF.")}
+
+
+def test_gguf_header_reader_equals_ggufs_reader(tmp_path):
+  """The fast header reader (what the tokenizer loads from) gives gguf.GGUFReader's key/values, in order: on the
+  real SmolLM2 file and on a file with every value type, big-endian too."""
+  from gea_jax.interop.gguf_header import read_gguf_metadata
+  real = smollm2_path()
+  got, want = read_gguf_metadata(real), _reader_metadata(real)
+  assert list(got) == list(want) and got == want
+  assert len(got["tokenizer.ggml.tokens"]) == 49152
+  assert "tokenizer.ggml.tokens" not in read_gguf_metadata(real, skip=("tokenizer.ggml.tokens",))
+  for endian in (gguf.GGUFEndian.LITTLE, gguf.GGUFEndian.BIG):
+    path = tmp_path / f"types-{endian.name}.gguf"
+    w = gguf.GGUFWriter(str(path), "llama", endianess=endian)
+    for i, kind in enumerate(("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64")):
+      w.add_key_value(f"t.{kind}", 7 * (i + 1) if kind.startswith("u") else -7 * (i + 1),
+                      getattr(gguf.GGUFValueType, kind.upper()))
+    w.add_float32("t.f32", 0.1)
+    w.add_float64("t.f64", -2.5e-300)
+    w.add_bool("t.bool", True)
+    w.add_string("t.str", "ünïcödé ✓")
+    w.add_array("t.ints", [1, -2, 3])
+    w.add_array("t.floats", [0.5, 1.25])
+    w.add_array("t.strs", ["a", "", "日本"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    got, want = read_gguf_metadata(path), _reader_metadata(path)
+    assert list(got) == list(want) and got == want, endian
+    assert got["t.f32"] == pytest.approx(0.1) and got["t.strs"] == ["a", "", "日本"] and got["t.int8"] == -14
+
+
+def test_gguf_header_errors_name_the_file_and_key(tmp_path):
+  from gea_jax.interop.gguf_header import GGUFHeaderError, read_gguf_metadata
+  whole = open(smollm2_path(), "rb").read(200_000)  # the header runs into the vocabulary's strings
+  cut = tmp_path / "cut.gguf"
+  cut.write_bytes(whole)
+  with pytest.raises(GGUFHeaderError, match=r"cut\.gguf: truncated GGUF header at byte \d+ \(reading key "
+                                            r"'tokenizer\.ggml\.tokens'\)"):
+    read_gguf_metadata(cut)
+  with pytest.raises(TokenizerError, match=r"cut\.gguf: truncated GGUF header"):
+    load_text_tokenizer(cut)
+  bad = tmp_path / "bad.gguf"
+  bad.write_bytes(b"GGUF" + bytes(2))
+  with pytest.raises(GGUFHeaderError, match=r"bad\.gguf: not a GGUF file"):
+    read_gguf_metadata(bad)
+  with pytest.raises(FileNotFoundError, match="absent.gguf"):
+    read_gguf_metadata(tmp_path / "absent.gguf")

@@ -378,9 +378,15 @@ def test_frozen_llm_mode_changes_only_the_adapters(assets):
   trainable = set(_flat(model, wrt))
   learner = ppo.VlmPPO(config.ppo, ctx, model, wrt, ["grid_goto"], seed=0)
   assert model.vlm.vision_encoder.loop_gradients  # the update's convolution gradients run as im2col matmuls
+  donated = jax.tree.leaves((learner.params, learner.opt_state))
   m = learner.iteration(0)
   assert np.isfinite(m["loss"])
+  # the update donated the trained copy's buffers and Adam's; the model object's arrays (the reference policy) live
+  assert all(x.is_deleted() for x in donated)
+  assert not any(x.is_deleted() for x in jax.tree.leaves(nnx.state(model)))
   after = _flat(learner.sync())
+  learner.update(1, *learner.collect(1)[:2])  # sync gave the model copies: the next donation leaves them alone
+  assert not any(x.is_deleted() for x in jax.tree.leaves(nnx.state(model)))
   assert set(before) == set(after)
   changed = {k for k in before if not np.array_equal(before[k], after[k])}
   assert changed and changed <= trainable

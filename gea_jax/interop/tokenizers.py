@@ -521,9 +521,12 @@ _GGUF_TOKENIZERS = {"gpt2": _gguf_byte_level, "llama": _gguf_sentencepiece}
 def _from_gguf(path: str) -> HFTextTokenizer:
   from tokenizers import AddedToken, processors
 
-  from gea_jax.interop.gguf import gguf_metadata, open_gguf
+  from gea_jax.interop.gguf_header import GGUFHeaderError, read_gguf_metadata
 
-  meta = gguf_metadata(open_gguf(path))
+  try:
+    meta = read_gguf_metadata(path)  # the header alone: gguf.GGUFReader would index every tensor too (~6 s)
+  except GGUFHeaderError as e:
+    raise TokenizerError(str(e)) from e
   kind = meta.get("tokenizer.ggml.model")
   if kind is None:
     raise TokenizerError(f"{path}: GGUF has no tokenizer (missing metadata key 'tokenizer.ggml.model')")

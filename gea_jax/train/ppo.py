@@ -515,9 +515,10 @@ class VlmPPO:
     self.graphdef, params, self.rest = nnx.split(model, wrt, ...)
     if compile_only:
       params, self.rest = (abstract_on_mesh(s, self.mesh, self.rules) for s in (params, self.rest))
-    self.params = params
-    # the frozen starting (SFT) policy, laid out like params
-    self.ref_params = params if compile_only else jax.tree.map(jnp.copy, params)
+    # The update donates its parameters and Adam state (one copy of each in device memory, not two), so the learner
+    # trains a copy; the model object's own arrays are the frozen starting (SFT) policy, laid out like params.
+    self.ref_params = params
+    self.params = params if compile_only else jax.tree.map(jnp.copy, params)
     self.tx = make_optimizer(p)
     opt_state = jax.eval_shape(self.tx.init, params) if compile_only else self.tx.init(params)
     self.opt_state = place_opt_state(self.tx, opt_state, params, self.mesh)
@@ -558,8 +559,10 @@ class VlmPPO:
                  self.rules, jax.tree.structure(state_sh), tuple(jax.tree.leaves(state_sh)))
     hit = _COMPILED.get(cache_key)
     if hit is None or hit[0] is not ctx:
-      update = jax.jit(self._update_fn, out_shardings=(state_sh[0], state_sh[1],
-                                                       self.replicated if self.privileged else None, self.replicated))
+      # donated: params, opt_state and the privileged critic's state (arguments 0, 1 and 10), replaced by the outputs
+      update = jax.jit(self._update_fn, donate_argnums=(0, 1, 10),
+                       out_shardings=(state_sh[0], state_sh[1], self.replicated if self.privileged else None,
+                                      self.replicated))
       hit = (ctx, [collector(i) for i in range(len(self.names))], update)
       if len(_COMPILED) >= 4:
         _COMPILED.pop(next(iter(_COMPILED)))
@@ -852,7 +855,9 @@ class VlmPPO:
       self.set_episode_arrays(arrays)
 
   def sync(self) -> AgentModel:
-    nnx.update(self.model, self.params)
+    """Writes a copy of the trained parameters into the model object and returns it (a copy: the next update
+    donates the learner's own arrays)."""
+    nnx.update(self.model, jax.tree.map(jnp.copy, self.params))
     return self.model
 
 
