@@ -129,7 +129,13 @@ def init_buffers(ctx: AgentContext, n: int) -> RolloutBuffers:
 
 
 def instructions_of(env, states, n: int) -> list[str]:
-  return [env.instruction(jax.tree.map(lambda x, i=i: x[i], states)) for i in range(n)]
+  """The instructions of ``n`` batched env states (one host transfer of their tasks: indexing every leaf of the
+  device arrays row by row would compile a slice per row and shape)."""
+  out = env.instruction(states)
+  out = [out] if isinstance(out, str) else list(out)
+  if len(out) != n:
+    raise ValueError(f"instructions_of: {len(out)} instructions for {n} states")
+  return out
 
 
 @functools.lru_cache(maxsize=32)
