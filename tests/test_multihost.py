@@ -7,10 +7,12 @@ environments split across both processes, its update and its exact resume; the R
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -91,19 +93,45 @@ def tiny_assets(tmp_path_factory):
   return test_sft.assets.__wrapped__(tmp_path_factory)
 
 
-def test_ppo_on_two_processes_equals_one_process_and_resumes_exactly(tiny_assets, tmp_path):
+def test_ppo_on_two_processes_resumes_a_one_process_run_and_equals_it(tiny_assets, tmp_path):
+  """One process (4 devices) runs iterations 1-2; a 2-process job (2 devices each) resumes a copy of that run from
+  its iteration-1 checkpoint: restoring onto the other process layout, collecting with the envs split across the
+  processes, updating and saving (process 0 the metadata, both their shards) must give iteration 2 as the one
+  process did, and the checkpoint it writes must hold the same parameters."""
   flags = [f"--config.sft.tokenizer_artifact={tiny_assets['artifact']}",
            f"--config.data.data_dir={tiny_assets['data_dir']}", "--config.mesh.shape=(-1,1,1)"]
   run_one_process(f"{TINY}:ppo", tmp_path / "one", *flags)
   want = metric_rows(tmp_path / "one" / "ppo" / "metrics.jsonl")
   assert [r["step"] for r in want] == [1, 2]
 
-  # iteration 1 on two processes, then the job is restarted and resumes from its checkpoint for iteration 2
-  run_two_processes(f"{TINY}:ppo", tmp_path / "two", *flags, "--config.ppo.iterations=1")
+  shutil.copytree(tmp_path / "one", tmp_path / "two")
+  shutil.rmtree(tmp_path / "two" / "ppo" / "checkpoints" / "2")
   run_two_processes(f"{TINY}:ppo", tmp_path / "two", *flags)
   got = metric_rows(tmp_path / "two" / "ppo" / "metrics.jsonl")  # written by process 0 alone: one row per iteration
   compare_rows(got, want)
   assert sorted(os.listdir(tmp_path / "two" / "ppo" / "checkpoints")) == ["1", "2"]
+  # checkpoint 2 of each run, restored here onto the 1-process run's shardings (the 2-process one names devices
+  # of two processes, which this process does not have)
+  one = restore_params(tmp_path / "one" / "ppo", 2)
+  two = restore_params(tmp_path / "two" / "ppo", 2, like=one)
+  flat = lambda tree: {jax.tree_util.keystr(k): np.asarray(x) for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  one, two = flat(one), flat(two)
+  assert one.keys() == two.keys() and one
+  first = flat(restore_params(tmp_path / "one" / "ppo", 1))
+  assert any(not np.allclose(first[k], one[k], rtol=1e-4, atol=1e-6) for k in one)  # iteration 2 moved them
+  for k in one:
+    np.testing.assert_allclose(two[k], one[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def restore_params(run_dir, step: int, like=None):
+  """Checkpoint ``step``'s parameters of a run, restored in this process as saved or onto the shapes and shardings
+  of ``like`` (a tree this function returned)."""
+  from gea_jax.checkpoint import Checkpointer, abstract_like
+  ck = Checkpointer(run_dir, read_only=True)
+  try:
+    return ck.restore(step, None if like is None else abstract_like(like)).params
+  finally:
+    ck.close()
 
 
 def test_mlp_ppo_on_two_processes_equals_one_process(tmp_path):
