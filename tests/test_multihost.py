@@ -2,7 +2,8 @@
 
 Each run goes through the entry point as a user's job would (`python -m gea_jax.main ... --coordinator_address=...
 --num_processes=2 --process_id=I`) and is compared with the same config in one process over 4 devices: PPO's
-environments split across both processes, its update and its exact resume; the RVQ tokenizer; SFT's per-process data.
+environments split across both processes, its update, and a resume from the 1-process run's checkpoint onto the
+2-process layout; the RVQ tokenizer; SFT's per-process data.
 """
 
 import json
