@@ -511,6 +511,8 @@ class Checkpointer:
       raise CheckpointError(f"checkpoint step {step}: {step_dir} does not exist (steps: {self.all_steps()})")
     try:
       small = load_step_meta(step_dir)
+      if abstract_params is None:  # as saved, but on this process's default device (the saved ones may not exist)
+        abstract_params = self._as_saved_on_default_device(step)
       args = {"params": ocp.args.StandardRestore(abstract_params)}
       if abstract_opt_state is not None:
         if not (step_dir / "opt_state").is_dir():
@@ -521,8 +523,7 @@ class Checkpointer:
         args["arrays"] = ocp.args.StandardRestore(abstract_arrays)
       restored = self._manager.restore(step, args=ocp.args.Composite(**args))
       params = restored["params"]
-      if abstract_params is not None:
-        _check_against_target(params, abstract_params, "params", step_dir)
+      _check_against_target(params, abstract_params, "params", step_dir)
       opt_state = None
       if abstract_opt_state is not None:
         opt_state = restored["opt_state"]
@@ -550,6 +551,13 @@ class Checkpointer:
     return RestoredState(step=step, params=params, opt_state=opt_state, rng=rng, data_state=small["data_state"],
                          extra=small["extra"], config=small["config"], versions=small["versions"], path=step_dir,
                          assets=small["assets"], arrays=arrays)
+
+  def _as_saved_on_default_device(self, step: int) -> Any:
+    """The ``params`` item's stored tree as restore targets: its shapes and dtypes on the default device."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    metadata = self._manager.item_metadata(step)["params"]
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), metadata,
+                        is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
 
   def restore_latest(self, abstract_params: Any, abstract_opt_state: Any = None,
                      abstract_arrays: Any = None) -> RestoredState | None:

@@ -111,28 +111,25 @@ def test_ppo_on_two_processes_resumes_a_one_process_run_and_equals_it(tiny_asset
   got = metric_rows(tmp_path / "two" / "ppo" / "metrics.jsonl")  # written by process 0 alone: one row per iteration
   compare_rows(got, want)
   assert sorted(os.listdir(tmp_path / "two" / "ppo" / "checkpoints")) == ["1", "2"]
-  # checkpoint 2 of each run, restored here onto the 1-process run's shardings (the 2-process one names devices
-  # of two processes, which this process does not have)
-  one = restore_params(tmp_path / "one" / "ppo", 2)
-  two = restore_params(tmp_path / "two" / "ppo", 2, like=one)
-  flat = lambda tree: {jax.tree_util.keystr(k): np.asarray(x) for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-  one, two = flat(one), flat(two)
+  # checkpoint 2 of each run, restored here as saved (`restore(step, None)`: onto this process's default device; the
+  # 2-process run's names devices of two processes, which this process does not have)
+  one, two = (restore_params(tmp_path / d / "ppo", 2) for d in ("one", "two"))
   assert one.keys() == two.keys() and one
-  first = flat(restore_params(tmp_path / "one" / "ppo", 1))
+  first = restore_params(tmp_path / "one" / "ppo", 1)
   assert any(not np.allclose(first[k], one[k], rtol=1e-4, atol=1e-6) for k in one)  # iteration 2 moved them
   for k in one:
     np.testing.assert_allclose(two[k], one[k], rtol=1e-4, atol=1e-6, err_msg=k)
 
 
-def restore_params(run_dir, step: int, like=None):
-  """Checkpoint ``step``'s parameters of a run, restored in this process as saved or onto the shapes and shardings
-  of ``like`` (a tree this function returned)."""
-  from gea_jax.checkpoint import Checkpointer, abstract_like
+def restore_params(run_dir, step: int) -> dict:
+  """Checkpoint ``step``'s parameters of a run as {path: numpy array}."""
+  from gea_jax.checkpoint import Checkpointer
   ck = Checkpointer(run_dir, read_only=True)
   try:
-    return ck.restore(step, None if like is None else abstract_like(like)).params
+    params = ck.restore(step, None).params
   finally:
     ck.close()
+  return {jax.tree_util.keystr(k): np.asarray(x) for k, x in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 def test_mlp_ppo_on_two_processes_equals_one_process(tmp_path):
