@@ -320,11 +320,13 @@ def _replica_parallel_for_large_arrays_only() -> None:
   """Re-registers orbax's default jax.Array handler with ``MIN_REPLICA_SLICE_BYTES`` (a handler someone else
   registered, e.g. for Pathways, is left alone)."""
   default = ocp.type_handlers.get_type_handler(jax.Array)
-  if type(default) is not ocp.type_handlers.ArrayHandler or default._min_slice_bytes_for_replica_parallel is not None:
+  # orbax keeps the handler's settings in private attributes: an orbax without them keeps its default handler
+  store = getattr(default, "_array_metadata_store", None)
+  if type(default) is not ocp.type_handlers.ArrayHandler or store is None \
+      or getattr(default, "_min_slice_bytes_for_replica_parallel", 0) is not None:
     return
   ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
-      array_metadata_store=default._array_metadata_store,
-      min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
+      array_metadata_store=store, min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
 
 
 class Checkpointer:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import struct
 
 import gguf
 import pytest
@@ -330,6 +331,11 @@ def test_gguf_header_errors_name_the_file_and_key(tmp_path):
     read_gguf_metadata(cut)
   with pytest.raises(TokenizerError, match=r"cut\.gguf: truncated GGUF header"):
     load_text_tokenizer(cut)
+  # a damaged array count (2^60 uint32 items) is named, not unpacked
+  huge = tmp_path / "huge.gguf"
+  huge.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1) + b"k" + struct.pack("<IIQ", 9, 4, 1 << 60))
+  with pytest.raises(GGUFHeaderError, match=r"huge\.gguf: truncated GGUF header at byte \d+ \(reading key 'k'\)"):
+    read_gguf_metadata(huge)
   bad = tmp_path / "bad.gguf"
   bad.write_bytes(b"GGUF" + bytes(2))
   with pytest.raises(GGUFHeaderError, match=r"bad\.gguf: not a GGUF file"):

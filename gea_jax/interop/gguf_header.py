@@ -52,18 +52,18 @@ class _Reader:
 
   def __init__(self, path: str, f, order: str):
     self.path, self.f, self.order = path, f, order
+    self.size = os.fstat(f.fileno()).st_size
     self.buf, self.pos, self.base = b"", 0, 24  # base: the file offset of buf[0]
     self.key = "<header>"
 
   def _need(self, n: int) -> None:
     if self.pos + n <= len(self.buf):
       return
+    if self.base + self.pos + n > self.size:  # checked before reading: a damaged length may claim exabytes
+      raise GGUFHeaderError(f"{self.path}: truncated GGUF header at byte {self.size} (reading key {self.key!r})")
     more = self.f.read(max(n, self.CHUNK))
     self.base += self.pos
     self.buf, self.pos = self.buf[self.pos:] + more, 0
-    if len(self.buf) < n:
-      raise GGUFHeaderError(f"{self.path}: truncated GGUF header at byte {self.base + len(self.buf)} "
-                            f"(reading key {self.key!r})")
 
   def _unpack(self, fmt: str):
     size = struct.calcsize(self.order + fmt)
@@ -92,6 +92,7 @@ class _Reader:
         return [self._string() for _ in range(count)]
       if item not in _SCALARS:
         raise GGUFHeaderError(f"{self.path}: key {self.key!r}: unsupported array item type {item}")
+      self._need(count * struct.calcsize(self.order + _SCALARS[item]))  # a damaged count is named, not unpacked
       return list(self._unpack(f"{count}{_SCALARS[item]}"))
     if kind not in _SCALARS:
       raise GGUFHeaderError(f"{self.path}: key {self.key!r}: unknown value type {kind} at byte {self.base + self.pos}")
