@@ -73,10 +73,15 @@ def main(argv):
   t0 = time.time()
   res = sft.train(config, workdir, artifact_dir=artifact, data_dir=data_dir, embodiments=names)
   print(f"SFT: {res.steps} steps ({time.time() - t0:.0f}s)", file=sys.stderr)
+  if res.preempted:
+    sys.exit(f"preempted during SFT at step {res.steps}; its checkpoint is saved, rerun the command to resume")
   before = {p: _evaluate(config, res.model, res.ctx, names, data_dir, "sft", p) for p in (None, perturb)}
   t0 = time.time()
   ppo_res = ppo_lib.train(config, workdir, res.model, res.ctx, ppo_lib.embodiment_names(config), data_dir=data_dir)
   print(f"PPO: {ppo_res.iterations} iterations ({time.time() - t0:.0f}s)", file=sys.stderr)
+  if ppo_res.preempted:
+    sys.exit(f"preempted during PPO at iteration {ppo_res.iterations}; its checkpoint is saved, rerun the command "
+             "to resume")
   after = {p: _evaluate(config, ppo_res.model, res.ctx, names, data_dir, "sft+ppo", p) for p in (None, perturb)}
 
   plain, plain_mean = compare(before[None], after[None])

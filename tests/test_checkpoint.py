@@ -393,10 +393,10 @@ def test_sigterm_saves_checkpoint_and_exits_cleanly(tmp_path):
 
 def test_sigterm_handler_in_process_and_uninstall():
   before = signal.getsignal(signal.SIGTERM)
-  with install_sigterm_handler() as stop:
-    assert not stop.requested
+  with install_sigterm_handler() as stop:  # one process: Python's handler, the stop at the next boundary
+    assert not stop.requested and not stop.stop_at(1)
     os.kill(os.getpid(), signal.SIGTERM)
-    assert stop.requested and stop.signal_number == signal.SIGTERM
+    assert stop.requested and stop.signal_number == signal.SIGTERM and stop.stop_at(2)
   assert signal.getsignal(signal.SIGTERM) == before
 
 

@@ -9,9 +9,12 @@ environments split across both processes, its update, and a resume from the 1-pr
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 import jax
 import numpy as np
@@ -51,22 +54,38 @@ def run_one_process(config: str, workdir, *overrides, devices: int = 4) -> subpr
   return proc
 
 
-def run_two_processes(config: str, workdir, *overrides) -> list[str]:
-  """Both processes of a 2-host job (2 devices each); returns their stdout. A failure shows both stderrs."""
+class Outputs(list):
+  """Both processes' stdouts (the list), and their stderrs (``.stderr``)."""
+  stderr: list[str]
+
+
+def run_two_processes(config: str, workdir, *overrides, while_running=None) -> Outputs:
+  """Both processes of a 2-host job (2 devices each); returns their stdout (and stderr). A failure shows both
+  stderrs. ``while_running(procs)``, if given, runs once both have started (e.g. to signal one)."""
   port = _free_port()
+  # files, not pipes: a chatty process never blocks on a full pipe while nobody reads it
+  logs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in range(2)]
   procs = [subprocess.Popen(_cmd(config, workdir, overrides) + [
       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outs = []
+      cwd=ROOT, env=_env(2), stdout=logs[i][0], stderr=logs[i][1], text=True) for i in range(2)]
   try:
+    if while_running is not None:
+      while_running(procs)
     for p in procs:
-      outs.append(p.communicate(timeout=TIMEOUT))
+      p.wait(timeout=TIMEOUT)
   finally:
     for p in procs:
       p.kill()
+  outs = Outputs()
+  outs.stderr = []
+  for out, err in logs:
+    for f, into in ((out, outs), (err, outs.stderr)):
+      f.seek(0)
+      into.append(f.read())
+      f.close()
   failed = [i for i, p in enumerate(procs) if p.returncode != 0]
-  assert not failed, "\n\n".join(f"process {i} exit {procs[i].returncode}:\n{outs[i][1][-3000:]}" for i in failed)
-  return [o[0] for o in outs]
+  assert not failed, "\n\n".join(f"process {i} exit {procs[i].returncode}:\n{outs.stderr[i][-3000:]}" for i in failed)
+  return outs
 
 
 def metric_rows(path) -> list[dict]:
@@ -189,6 +208,32 @@ def test_sft_on_two_processes_reads_each_its_part_and_checkpoints_once(tiny_asse
   assert steps == [3, 6]
   assert (tmp_path / "sft" / "checkpoints" / "6" / "assets" / "tokenizer").is_dir()
   assert not any("sft: step" in o for o in outs)  # progress lines go to stderr, and only process 0's
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tiny_assets, tmp_path):
+  """A scheduler's SIGTERM reaches one host (here: process 1 only): JAX's preemption service tells the other, both
+  save one checkpoint at the same step and exit 0, well before the run's end (each on its own, they would stop at
+  different steps and hang in the collective save)."""
+  flags = [f"--config.sft.tokenizer_artifact={tiny_assets['artifact']}",
+           f"--config.data.data_dir={tiny_assets['data_dir']}", "--config.mesh.shape=(-1,1,1)",
+           "--config.sft.steps=100000", "--config.sft.checkpoint_every=5", "--config.sft.keep_checkpoints=100"]
+  ckpt_dir = tmp_path / "sft" / "checkpoints"
+
+  def sigterm_once_training(procs):
+    deadline = time.time() + TIMEOUT
+    while not (ckpt_dir / "5").is_dir():  # compiled and stepping: the first periodic checkpoint is written
+      assert time.time() < deadline and all(p.poll() is None for p in procs), "no checkpoint 5"
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+
+  outs = run_two_processes(f"{TINY}:sft", tmp_path, *flags, while_running=sigterm_once_training)
+  steps = sorted(int(s) for s in os.listdir(ckpt_dir))
+  last = steps[-1]
+  assert 5 < last < 100000 and [s for s in steps if s % 5] in ([], [last])  # periodic ones and the stop's
+  for err in outs.stderr:
+    assert f"SFT: SIGTERM received; checkpoint saved at step {last}, exiting" in err, err[-3000:]
+  assert metric_rows(tmp_path / "sft" / "metrics.jsonl")[-1]["step"] == last
+  assert restore_params(tmp_path / "sft", last)
 
 
 @pytest.mark.parametrize("args,expected", [

@@ -4,6 +4,9 @@ The Brax bodies go through the same code; only their compile time (a minute on 2
 tests/test_ppo.py trains on Brax inverted_pendulum.
 """
 
+import os
+import signal
+
 import jax
 import numpy as np
 import pytest
@@ -77,9 +80,23 @@ def test_train_checkpoint_load_policy_and_resume(tmp_path, monkeypatch):
   with pytest.raises(FileNotFoundError, match="no policy file"):
     policy_export.load_exported_policy(tmp_path / "missing.npz")
 
-  c2, _ = _tiny_config(1280)  # resume: continues from call 2 to call 4
+  # resume: continues from call 2; SIGTERM arrives in call 3, which is saved, and the run stops without its final
+  # evaluation or report; the rerun continues from call 3 to call 4
+  c2, _ = _tiny_config(1280)
+  check_finite = ppo_mlp.check_finite
+
+  def sigterm_in_call_3(metrics, call, **kw):
+    if call == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return check_finite(metrics, call, **kw)
+  monkeypatch.setattr(ppo_mlp, "check_finite", sigterm_in_call_3)
+  report = (tmp_path / "report.md").read_text()
+  stopped = ppo_mlp.run(c2, str(tmp_path))
+  assert stopped["preempted"] and stopped["calls"] == 3 and "eval/episode_return" not in stopped
+  assert (tmp_path / "report.md").read_text() == report
+  monkeypatch.setattr(ppo_mlp, "check_finite", check_finite)
   out2 = ppo_mlp.run(c2, str(tmp_path))
-  assert out2["calls"] == 4 and out2["env_steps"] == 1280
+  assert out2["calls"] == 4 and out2["env_steps"] == 1280 and "preempted" not in out2
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
   steps = sorted({__import__("json").loads(ln)["step"] for ln in lines})
   assert steps == [320, 640, 960, 1280]

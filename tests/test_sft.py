@@ -162,7 +162,7 @@ def test_sigterm_saves_and_stops(assets, tmp_path):
 
   res = sft.train(config, str(tmp_path), artifact_dir=assets["artifact"], data_dir=assets["data_dir"],
                   eval_fn=send_sigterm)
-  assert res.steps == 2
+  assert res.steps == 2 and res.preempted
   assert (tmp_path / "sft" / "checkpoints" / "2").is_dir()
 
 

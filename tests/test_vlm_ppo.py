@@ -6,7 +6,8 @@ exact resume), and one iteration on 8 fake devices ((8,1,1), (2,4,1)) = on one d
 Fixtures (synthetic datasets, untrained RVQ artifact, tiny config) come from tests/test_sft.py.
 """
 
-import shutil
+import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -550,13 +551,16 @@ def test_lora_ppo_on_grid_goto_changes_only_lora_and_resumes_exactly(assets, tmp
     assert res.final_metrics[k] > 0, k
   busy = res.final_metrics["perf/collect_seconds"] + res.final_metrics["perf/update_seconds"]
   np.testing.assert_allclose(res.final_metrics["perf/env_steps_per_second"], 8 * 2 / busy, rtol=1e-6)
-  # "killed" after iteration 1: resume from that checkpoint, reach the same parameters bit for bit
+  # preempted (SIGTERM) in iteration 1: it saves that iteration and stops; the rerun resumes from that checkpoint
+  # and reaches the same parameters bit for bit
   part = tmp_path / "part"
-  shutil.copytree(tmp_path / "full", part)
-  shutil.rmtree(part / "ppo" / "checkpoints" / "2")
+  sigterm = lambda it, metrics: os.kill(os.getpid(), signal.SIGTERM)
+  stopped = ppo.train(config, str(part), _setup(assets, "full", history=1)[2], ctx, ["grid_goto"], callback=sigterm)
+  assert stopped.preempted and stopped.iterations == 1 and not res.preempted
+  assert ppo.saved_iterations(config, str(part)) == [1]
   _, _, model2 = _setup(assets, "full", history=1)
   res2 = ppo.train(config, str(part), model2, ctx, ["grid_goto"])
-  assert res2.iterations == 2
+  assert res2.iterations == 2 and not res2.preempted
   a, b = _flat(res.model), _flat(res2.model)
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)

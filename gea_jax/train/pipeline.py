@@ -219,6 +219,10 @@ def run(config, workdir: str) -> dict:
     from gea_jax.train import ppo as ppo_lib
     ppo_res = ppo_lib.train(config, workdir, result.model, result.ctx, ppo_lib.embodiment_names(config),
                             data_dir=data_dir)
+    if ppo_res.preempted:  # no evaluation or report of an unfinished run; rerunning resumes PPO where it stopped
+      logging.warning("preempted during PPO at iteration %d; the checkpoint is saved, rerun the same command to "
+                      "resume", ppo_res.iterations)
+      return {"preempted": True, "sft_steps": result.steps, "ppo_iterations": ppo_res.iterations}
     ppo_rows = evaluate_rows(config, ppo_res.model, result.ctx, names, data_dir, stage="sft+ppo")
     tables["closed-loop success (held-out), SFT + PPO"] = ppo_rows
     curves.update({k: v for k, v in ppo_res.curves.items() if k.endswith(("/loss", "success_rate", "reward_per_step"))})

@@ -871,6 +871,7 @@ class PpoResult:
   final_metrics: dict[str, float]
   curves: dict[str, list[tuple[int, float]]]
   wall_time: float
+  preempted: bool = False  # stopped early by SIGTERM (its checkpoint saved): rerun the command to resume
 
 
 def _is_key(x) -> bool:
@@ -952,6 +953,7 @@ def train(config, workdir: str, model: AgentModel, ctx: AgentContext, embodiment
   metrics: dict[str, float] = {}
   t0 = time.time()
   it = start
+  preempted = False
   with Progress(total, "ppo", initial=start) as bar:
     while it < total:
       metrics = learner.iteration(it)
@@ -963,11 +965,12 @@ def train(config, workdir: str, model: AgentModel, ctx: AgentContext, embodiment
       bar.update(1)
       if callback is not None:
         callback(it, metrics)
-      if ckpt.should_save(it) or it == total or preempt.requested:
+      preempted = preempt.stop_at(it)
+      if ckpt.should_save(it) or it == total or preempted:
         ckpt.save(it, params=learner.params, opt_state=learner.opt_state, rng=learner.seed_key, force=True,
                   data_state=sft_iterator.get_state() if sft_iterator is not None else None,
                   arrays=learner.checkpoint_arrays(), extra={k: v for k, v in metrics.items() if np.isfinite(v)})
-      if preempt.requested:
+      if preempted:
         logging.warning("PPO: SIGTERM received; checkpoint saved at iteration %d, exiting", it)
         break
   preempt.uninstall()
@@ -976,7 +979,8 @@ def train(config, workdir: str, model: AgentModel, ctx: AgentContext, embodiment
   writer.flush()
   curves = writer.curves()
   writer.close()
-  return PpoResult(model=model, iterations=it, final_metrics=metrics, curves=curves, wall_time=time.time() - t0)
+  return PpoResult(model=model, iterations=it, final_metrics=metrics, curves=curves, wall_time=time.time() - t0,
+                   preempted=preempted)
 
 
 def load_sft_model(config, sft_workdir: str, ctx: AgentContext) -> AgentModel:
@@ -1040,6 +1044,7 @@ def run(config, workdir: str) -> PpoResult:
     model = build_agent(config.model, ctx.layout, ctx.max_state_dim, ctx.vocab.total_vocab_size,
                         seed=int(config.seed))
   result = train(config, workdir, model, ctx, names)
-  logging.info("PPO done: %d iterations in %.1fs, final %s", result.iterations, result.wall_time,
-               result.final_metrics)
+  if not result.preempted:
+    logging.info("PPO done: %d iterations in %.1fs, final %s", result.iterations, result.wall_time,
+                 result.final_metrics)
   return result

@@ -191,6 +191,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   summary: dict[str, Any] = {}
   reached = None
   call = start_call
+  preempted = False
   try:
     while call < total_calls:
       state, metrics = ppo.train_step(state)
@@ -210,16 +211,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if done and reached is None:
         reached = env_steps
       params_t, rest_t = _saved_tree(state)
-      ckpt.save(call, params=params_t, opt_state=rest_t, rng=state.key, force=stop.requested or done or
+      preempted = stop.stop_at(call)
+      ckpt.save(call, params=params_t, opt_state=rest_t, rng=state.key, force=preempted or done or
                 call == total_calls, extra={"loss": metrics["loss"], "env_steps": env_steps,
                                             "episode_return": ep["episode_return"]})
-      if stop.requested or done:
+      if preempted or done:
         break
   finally:
     progress.close()
     stop.uninstall()
     ckpt.wait()
     writer.flush()
+
+  if preempted:  # no final evaluation or report: the run is not finished, rerunning the command resumes it
+    writer.close()
+    ckpt.close()
+    logger.warning("ppo_mlp: SIGTERM received; checkpoint saved at call %d (%d env steps), exiting", call,
+                   call * steps_per_call)
+    return {"env": config.env.name, "env_steps": call * steps_per_call, "calls": call, "preempted": True}
 
   eval_metrics = evaluate(ppo, state, int(config.eval_episodes), jax.random.key(config.seed + 1))
   summary = {"env": config.env.name, "env_steps": call * steps_per_call, "calls": call,

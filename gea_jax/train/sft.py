@@ -238,7 +238,7 @@ class SftResult:
   final_metrics: dict[str, float]
   wall_time: float
   curves: dict[str, list[tuple[int, float]]]
-  preempted: bool = False
+  preempted: bool = False  # stopped early by SIGTERM (its checkpoint saved): rerun the command to resume
 
 
 def setup_model(config, ctx: AgentContext, mesh, rules):
@@ -294,6 +294,7 @@ def train(config, workdir: str, *, artifact_dir: str, data_dir: str, embodiments
   metrics: dict[str, float] = dict(resumed_metrics)  # a finished run resumed: the last checkpoint's metrics
   t0 = time.time()
   samples = 0
+  preempted = False
   with sharding.use_mesh(mesh, rules), Progress(total, "sft", initial=start) as bar:
     step = start
     while step < total:
@@ -315,7 +316,8 @@ def train(config, workdir: str, *, artifact_dir: str, data_dir: str, embodiments
         train_step.sync()
         writer.scalars(step, {f"eval/{k}": v for k, v in eval_fn(model, ctx, step).items()})
         train_step.reload()
-      save_now = ckpt.should_save(step) or step == total or preempt.requested
+      preempted = preempt.stop_at(step)
+      save_now = ckpt.should_save(step) or step == total or preempted
       if save_now:
         if not metrics or step % int(s.log_every):
           check_finite(float(jax.device_get(out["loss"])), step, checkpointer=ckpt)
@@ -323,7 +325,7 @@ def train(config, workdir: str, *, artifact_dir: str, data_dir: str, embodiments
         ckpt.save(step, params=nnx.state(model, wrt), opt_state=nnx.state(optimizer),
                   rng=jax.random.key(int(config.seed)), data_state=iterator.get_state(), force=True,
                   extra={k: float(v) for k, v in metrics.items()})
-      if preempt.requested:
+      if preempted:
         logging.warning("SFT: SIGTERM received; checkpoint saved at step %d, exiting", step)
         break
   preempt.uninstall()
@@ -333,7 +335,7 @@ def train(config, workdir: str, *, artifact_dir: str, data_dir: str, embodiments
   curves = writer.curves()
   writer.close()
   return SftResult(model=model, ctx=ctx, steps=step, final_metrics=metrics, wall_time=time.time() - t0,
-                   curves=curves)
+                   curves=curves, preempted=preempted)
 
 
 def mixture_weights(config, embodiments) -> dict[str, float] | None:
@@ -356,4 +358,5 @@ def mixture_weights(config, embodiments) -> dict[str, float] | None:
 
 def run(config, workdir: str) -> None:
   result = train(config, workdir, artifact_dir=config.sft.tokenizer_artifact, data_dir=config.data.data_dir)
-  logging.info("SFT done: %d steps in %.1fs, final %s", result.steps, result.wall_time, result.final_metrics)
+  if not result.preempted:
+    logging.info("SFT done: %d steps in %.1fs, final %s", result.steps, result.wall_time, result.final_metrics)
