@@ -9,11 +9,21 @@ and process 0 alone writes logs, reports and checkpoint metadata (every process 
 - Anywhere else (e.g. several processes on one CPU machine, how the tests run it): ``--coordinator_address=HOST:PORT
   --num_processes=N --process_id=I``. CPU processes exchange their collectives over gloo.
 - Neither: one process (the default).
+
+When one process of a job fails (an exception), ``run_or_stop_all`` tells the others through JAX's coordination
+service and each one's ``watch_peers`` thread ends it at once, naming the failed process and its error. Left alone,
+the failed process would wait at JAX's shutdown barrier and the others in their next collective until the barrier
+timed out (5 minutes), and both would then abort without saying why. A process that dies without an exception
+(killed, out of memory) is found by JAX's heartbeats (100 s).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
+import threading
+import traceback
 
 MODES = ("none", "auto", "explicit")
 
@@ -89,3 +99,80 @@ def barrier(name: str, timeout_seconds: int = 6 * 3600) -> None:
     multihost_utils.sync_global_devices(f"{name} #{uses}")
     return
   client.wait_at_barrier(f"gea_jax: {name} #{uses}", int(timeout_seconds * 1000))
+
+
+FAILURE_KEY = "gea_jax/failed_process"
+
+
+def _client():
+  from jax._src import distributed as jax_distributed
+  return getattr(jax_distributed.global_state, "client", None)
+
+
+def _exit_now(code: int) -> None:
+  """Ends this process without Python's exit handlers (JAX's would wait at the shutdown barrier for the others)."""
+  logging.shutdown()
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):
+      pass
+  os._exit(code)
+
+
+_FAILED_HERE = threading.Event()  # this process reported the failure: its own watcher stays quiet
+WATCH_POLL_MS = 2000
+
+
+def watch_peers() -> bool:
+  """Starts a thread that ends this process (exit code 1) as soon as another process of the job reports a failure
+  (``run_or_stop_all``); returns whether it started (only in a multi-process job).
+
+  It waits on the coordination service's key in slices of ``WATCH_POLL_MS`` and returns once the main thread has
+  finished, before JAX's exit handler shuts the client down: a thread still blocked in the client then would be
+  torn down inside C++ at interpreter exit, which aborts the process.
+  """
+  import jax
+  client = _client()
+  if client is None or jax.process_count() == 1:
+    return False
+  me = jax.process_index()
+
+  def watch():
+    while threading.main_thread().is_alive():
+      try:
+        failure = client.blocking_key_value_get(FAILURE_KEY, WATCH_POLL_MS)
+      except Exception as e:  # pylint: disable=broad-except
+        if "DEADLINE_EXCEEDED" in str(e) or "timed out" in str(e).lower():
+          continue
+        return  # the client shut down
+      if not _FAILED_HERE.is_set():
+        print(f"gea_jax: error: {failure}; stopping process {me} too", file=sys.stderr)
+        _exit_now(1)
+      return
+
+  threading.Thread(target=watch, name="gea_jax-watch-peers").start()
+  return True
+
+
+def run_or_stop_all(fn, *args, **kwargs):
+  """``fn(*args, **kwargs)``; if it raises in a multi-process job, prints the traceback, tells the other processes
+  (their ``watch_peers`` threads stop them) and ends this process with exit code 1 (130 for Ctrl-C)."""
+  import jax
+  try:
+    return fn(*args, **kwargs)
+  except BaseException as e:  # pylint: disable=broad-except
+    client = _client()
+    if client is None or jax.process_count() == 1 or (isinstance(e, SystemExit) and e.code in (None, 0)):
+      raise
+    traceback.print_exc()
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    message = f"process {jax.process_index()} failed: {type(e).__name__}" + (f": {first_line}" if first_line else "")
+    _FAILED_HERE.set()
+    try:
+      client.key_value_set(FAILURE_KEY, message)
+    except Exception:  # pylint: disable=broad-except  (another process reported first)
+      pass
+    print(f"gea_jax: error: {message}; the other processes are told to stop", file=sys.stderr)
+    _exit_now(130 if isinstance(e, KeyboardInterrupt) else (e.code if isinstance(e, SystemExit) and
+                                                              isinstance(e.code, int) else 1))

@@ -78,6 +78,7 @@ def main(argv: list[str]) -> None:
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except distributed.DistributedError as e:
     _fail(str(e))
+  distributed.watch_peers()  # a multi-process job: another process's failure stops this one at once
   try:
     module = trainer_module(config)
     module.validate(config)
@@ -86,7 +87,7 @@ def main(argv: list[str]) -> None:
   workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
   os.makedirs(workdir, exist_ok=True)
   logging.info("trainer=%s workdir=%s", config.trainer, workdir)
-  module.run(config, workdir)
+  distributed.run_or_stop_all(module.run, config, workdir)
 
 
 if __name__ == "__main__":

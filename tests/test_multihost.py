@@ -55,13 +55,15 @@ def run_one_process(config: str, workdir, *overrides, devices: int = 4) -> subpr
 
 
 class Outputs(list):
-  """Both processes' stdouts (the list), and their stderrs (``.stderr``)."""
+  """Both processes' stdouts (the list), their stderrs (``.stderr``) and exit codes (``.returncodes``)."""
   stderr: list[str]
+  returncodes: list[int]
 
 
-def run_two_processes(config: str, workdir, *overrides, while_running=None) -> Outputs:
-  """Both processes of a 2-host job (2 devices each); returns their stdout (and stderr). A failure shows both
-  stderrs. ``while_running(procs)``, if given, runs once both have started (e.g. to signal one)."""
+def run_two_processes(config: str, workdir, *overrides, while_running=None, check: bool = True) -> Outputs:
+  """Both processes of a 2-host job (2 devices each); returns their stdout (and stderr, exit codes). With ``check``
+  a failure shows both stderrs. ``while_running(procs)``, if given, runs once both have started (e.g. to signal
+  one)."""
   port = _free_port()
   # files, not pipes: a chatty process never blocks on a full pipe while nobody reads it
   logs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in range(2)]
@@ -83,8 +85,9 @@ def run_two_processes(config: str, workdir, *overrides, while_running=None) -> O
       f.seek(0)
       into.append(f.read())
       f.close()
+  outs.returncodes = [p.returncode for p in procs]
   failed = [i for i, p in enumerate(procs) if p.returncode != 0]
-  assert not failed, "\n\n".join(f"process {i} exit {procs[i].returncode}:\n{outs.stderr[i][-3000:]}" for i in failed)
+  assert not (check and failed), "\n\n".join(f"process {i} exit {procs[i].returncode}:\n{outs.stderr[i][-3000:]}" for i in failed)
   return outs
 
 
@@ -210,23 +213,45 @@ def test_sft_on_two_processes_reads_each_its_part_and_checkpoints_once(tiny_asse
   assert not any("sft: step" in o for o in outs)  # progress lines go to stderr, and only process 0's
 
 
-def test_sigterm_to_one_process_stops_both_at_the_same_step(tiny_assets, tmp_path):
-  """A scheduler's SIGTERM reaches one host (here: process 1 only): JAX's preemption service tells the other, both
-  save one checkpoint at the same step and exit 0, well before the run's end (each on its own, they would stop at
-  different steps and hang in the collective save)."""
-  flags = [f"--config.sft.tokenizer_artifact={tiny_assets['artifact']}",
-           f"--config.data.data_dir={tiny_assets['data_dir']}", "--config.mesh.shape=(-1,1,1)",
-           "--config.sft.steps=100000", "--config.sft.checkpoint_every=5", "--config.sft.keep_checkpoints=100"]
-  ckpt_dir = tmp_path / "sft" / "checkpoints"
+def _long_sft_flags(tiny_assets) -> list[str]:
+  """The tiny SFT run, long enough to be signalled (100,000 steps), a checkpoint every 5."""
+  return [f"--config.sft.tokenizer_artifact={tiny_assets['artifact']}",
+          f"--config.data.data_dir={tiny_assets['data_dir']}", "--config.mesh.shape=(-1,1,1)",
+          "--config.sft.steps=100000", "--config.sft.checkpoint_every=5", "--config.sft.keep_checkpoints=100"]
 
-  def sigterm_once_training(procs):
+
+def _signal_process_1_once_training(ckpt_dir, signum):
+  def send(procs):
     deadline = time.time() + TIMEOUT
     while not (ckpt_dir / "5").is_dir():  # compiled and stepping: the first periodic checkpoint is written
       assert time.time() < deadline and all(p.poll() is None for p in procs), "no checkpoint 5"
       time.sleep(0.2)
-    procs[1].send_signal(signal.SIGTERM)
+    procs[1].send_signal(signum)
+  return send
 
-  outs = run_two_processes(f"{TINY}:sft", tmp_path, *flags, while_running=sigterm_once_training)
+
+def test_a_failed_process_stops_the_other_and_both_name_it(tiny_assets, tmp_path):
+  """An exception in one process (here Ctrl-C's KeyboardInterrupt in process 1) ends both processes at once, each
+  naming the failed process and its error; before, the failed process waited at JAX's shutdown barrier and the
+  other in its next collective until the barrier timed out (5 minutes), and both aborted (SIGABRT) without saying
+  why. The run's checkpoints are kept."""
+  ckpt_dir = tmp_path / "sft" / "checkpoints"
+  outs = run_two_processes(f"{TINY}:sft", tmp_path, *_long_sft_flags(tiny_assets), check=False,
+                           while_running=_signal_process_1_once_training(ckpt_dir, signal.SIGINT))
+  assert outs.returncodes == [1, 130], outs.stderr[0][-3000:] + outs.stderr[1][-3000:]
+  assert "KeyboardInterrupt" in outs.stderr[1]  # its traceback
+  assert "gea_jax: error: process 1 failed: KeyboardInterrupt" in outs.stderr[1]
+  assert "gea_jax: error: process 1 failed: KeyboardInterrupt; stopping process 0 too" in outs.stderr[0]
+  assert 5 in [int(s) for s in os.listdir(ckpt_dir)] and restore_params(tmp_path / "sft", 5)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tiny_assets, tmp_path):
+  """A scheduler's SIGTERM reaches one host (here: process 1 only): JAX's preemption service tells the other, both
+  save one checkpoint at the same step and exit 0, well before the run's end (each on its own, they would stop at
+  different steps and hang in the collective save)."""
+  ckpt_dir = tmp_path / "sft" / "checkpoints"
+  outs = run_two_processes(f"{TINY}:sft", tmp_path, *_long_sft_flags(tiny_assets),
+                           while_running=_signal_process_1_once_training(ckpt_dir, signal.SIGTERM))
   steps = sorted(int(s) for s in os.listdir(ckpt_dir))
   last = steps[-1]
   assert 5 < last < 100000 and [s for s in steps if s % 5] in ([], [last])  # periodic ones and the stop's
