@@ -35,7 +35,6 @@ TRAINERS = {
     "ppo_mlp": "gea_jax.train.ppo_mlp",
     "ppo": "gea_jax.train.ppo",
     "pipeline": "gea_jax.train.pipeline",
-    "generate": "gea_jax.train.generate",
 }
 
 

@@ -31,3 +31,14 @@ def test_bad_config_is_one_line(tmp_path, override, expected):
   assert len(lines) == 1 and expected in lines[0], proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
   assert not os.listdir(tmp_path)  # nothing was written before the config was rejected
+
+
+def test_every_trainer_module_exists_with_validate_and_run():
+  """`gea_jax.main.TRAINERS` names only modules that exist and provide what main calls."""
+  import importlib
+
+  from gea_jax.main import TRAINERS
+  assert {"pipeline", "tokenizer", "sft", "ppo", "ppo_mlp"} <= set(TRAINERS)
+  for name, module in TRAINERS.items():
+    mod = importlib.import_module(module)
+    assert callable(getattr(mod, "validate", None)) and callable(getattr(mod, "run", None)), name
