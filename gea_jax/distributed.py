@@ -101,6 +101,28 @@ def barrier(name: str, timeout_seconds: int = 6 * 3600) -> None:
   client.wait_at_barrier(f"gea_jax: {name} #{uses}", int(timeout_seconds * 1000))
 
 
+_GATHER_USES: dict[str, int] = {}
+
+
+def allgather_bytes(name: str, payload: bytes, timeout_seconds: int = 6 * 3600) -> list[bytes]:
+  """Every process's ``payload``, in process order (``[payload]`` in a one-process run), exchanged through JAX's
+  coordination service, not a device collective: exact bytes (a collective would turn float64 into float32) and no
+  deadline of the CPU transport while the processes arrive far apart. Every process must pass the same names in
+  the same order."""
+  import jax
+  if jax.process_count() == 1:
+    return [payload]
+  client = _client()
+  if client is None:
+    raise RuntimeError("allgather_bytes: a multi-process job without JAX's distributed client "
+                       "(start it with gea_jax.distributed.initialize)")
+  uses = _GATHER_USES[name] = _GATHER_USES.get(name, 0) + 1
+  prefix = f"gea_jax/gather/{name}/{uses}"
+  client.key_value_set_bytes(f"{prefix}/{jax.process_index()}", payload)
+  return [client.blocking_key_value_get_bytes(f"{prefix}/{i}", int(timeout_seconds * 1000))
+          for i in range(jax.process_count())]
+
+
 FAILURE_KEY = "gea_jax/failed_process"
 
 

@@ -153,46 +153,70 @@ def evaluation_resets(env, split: str, seed: int, num_episodes: int):
   return reset(jax.random.split(jax.random.fold_in(jax.random.key(seed), 0), num_episodes))
 
 
+def episode_rows(num_episodes: int) -> np.ndarray:
+  """The evaluation episodes this process runs: all of them in a one-process run, else a contiguous share."""
+  return np.array_split(np.arange(num_episodes), jax.process_count())[jax.process_index()]
+
+
 def evaluate_embodiment(model, ctx: AgentContext, name: str, *, num_episodes: int, split: str, seed: int,
                         greedy: bool = True, perturb: tuple[int, int] | None = None,
                         text_prefix: bool = True, on_step=None) -> dict[str, Any]:
   """Runs ``num_episodes`` episodes in parallel; returns success_rate, mean_return, mean_length.
 
+  Each episode draws from its own keys (its reset, its sampled tokens, its perturbation), so its course does not
+  depend on the others: in a multi-host job each process runs its share of the episodes (`episode_rows`) on its own
+  copy of the model, and the processes exchange their episodes' outcomes, so every process returns the figures a
+  single process would.
   perturb=(start, length): replace the policy's actions by uniformly random ones for ``length`` steps
   from step ``start`` (the recovery test of GEA's online-RL lesson).
   text_prefix: cache the text part of the prompt once (default); False runs the whole prompt every step.
   on_step(t, states, action, live): called at every step with the env states the action was chosen in, the executed
-  action and the bool [num_episodes] mask of episodes still running (for diagnostics, e.g.
+  action and the bool mask of episodes still running (this process's episodes; for diagnostics, e.g.
   experiments/grid_failures.py).
   """
   from gea_jax.envs import registry
   env = registry.make(name)
   e = ctx.index(name)
   _, env_step = jitted_env_fns(env, split)
-  key = jax.random.key(seed)
-  states = evaluation_resets(env, split, seed, num_episodes)
-  text_ids, text_mask = text_prompts(ctx, e, instructions_of(env, states, num_episodes))
-  text_ids, text_mask = jnp.asarray(text_ids), jnp.asarray(text_mask)
-  # the parameters are fixed here: fold the LoRA adapters once (the model is untouched); in a multi-host job every
-  # process runs all the episodes on its own whole copy (the same results everywhere; process 0 reports them)
+  rows = episode_rows(num_episodes)
+  states = jax.tree.map(lambda x: x[rows], evaluation_resets(env, split, seed, num_episodes))
+  row_keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), 1 << 30), num_episodes)[rows]
+  # the parameters are fixed here: fold the LoRA adapters once (the model is untouched); in a multi-host job on a
+  # whole copy on this process's first device (every process takes part in the copy, even one without episodes)
   model = merged_copy(sharding.process_local_copy(model))
+  outcome = [np.zeros(0, bool), np.zeros(0, np.float64), np.zeros(0, np.int64)]
+  if len(rows):
+    outcome = _run_episodes(model, ctx, env, env_step, e, states, row_keys, greedy=greedy, perturb=perturb,
+                            text_prefix=text_prefix, on_step=on_step)
+  success, ret, length = gather_episodes(f"{name}/{split}", *outcome)
+  return {"success_rate": float(success.mean()), "mean_return": float(ret.mean()),
+          "mean_length": float(length.mean()), "episodes": int(num_episodes)}
+
+
+def _run_episodes(model, ctx: AgentContext, env, env_step, e: int, states, row_keys, *, greedy: bool, perturb,
+                  text_prefix: bool, on_step) -> list[np.ndarray]:
+  """`evaluate_embodiment`'s loop over this process's episodes -> [success, return, length] per episode."""
+  n = len(row_keys)
+  step_keys = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
+  text_ids, text_mask = text_prompts(ctx, e, instructions_of(env, states, n))
+  text_ids, text_mask = jnp.asarray(text_ids), jnp.asarray(text_mask)
   policy = nnx.jit(make_policy_step(ctx, e, greedy=greedy))
   prefix = None
   if text_prefix:  # no resets during the evaluation: the text (and its KV cache) is fixed
     L = ctx.layout
     prefix = nnx.jit(lambda m, ids, mask: text_prefix_cache(m, L, ids, mask))(model, text_ids, text_mask)
-  buffers = init_buffers(ctx, num_episodes)
+  buffers = init_buffers(ctx, n)
   spec = env.spec
-  done = np.zeros(num_episodes, bool)
-  success = np.zeros(num_episodes, bool)
-  ret = np.zeros(num_episodes, np.float64)
-  length = np.zeros(num_episodes, np.int64)
+  done = np.zeros(n, bool)
+  success = np.zeros(n, bool)
+  ret = np.zeros(n, np.float64)
+  length = np.zeros(n, np.int64)
   for t in range(spec.max_episode_steps):
-    k = jax.random.fold_in(key, t + 1)
+    k = step_keys(row_keys, t + 1)  # a key per episode
     action, _, _, _, buffers = policy(model, buffers, states.obs, text_ids, text_mask, k, ctx.vocab.mask_table,
                                       prefix)
     if perturb is not None and perturb[0] <= t < perturb[0] + perturb[1]:
-      action = _random_actions(spec, jax.random.fold_in(k, 7), num_episodes)
+      action = _random_actions(spec, step_keys(k, 7))
     if on_step is not None:
       on_step(t, states, action, ~done)
     states = env_step(states, action)
@@ -204,15 +228,30 @@ def evaluate_embodiment(model, ctx: AgentContext, name: str, *, num_episodes: in
     done |= d
     if done.all():
       break
-  return {"success_rate": float(success.mean()), "mean_return": float(ret.mean()),
-          "mean_length": float(length.mean()), "episodes": int(num_episodes)}
+  return [success, ret, length]
 
 
-def _random_actions(spec, key, n):
+def gather_episodes(name: str, *arrays: np.ndarray) -> list[np.ndarray]:
+  """Each per-episode array over all processes' episodes, in episode order (`episode_rows`); exact (host bytes)."""
+  if jax.process_count() == 1:
+    return list(arrays)
+  import io
+
+  from gea_jax.distributed import allgather_bytes
+  buf = io.BytesIO()
+  np.savez(buf, *arrays)
+  parts = [np.load(io.BytesIO(b)) for b in allgather_bytes(f"eval/{name}", buf.getvalue())]
+  return [np.concatenate([p[f"arr_{i}"] for p in parts]) for i in range(len(arrays))]
+
+
+def _random_actions(spec, keys):
+  """A uniformly random action per episode, each from its own key."""
   a = spec.action_space
   if a.is_continuous:
-    return jax.random.uniform(key, (n, a.dim), minval=jnp.asarray(a.low), maxval=jnp.asarray(a.high))
-  return jax.random.randint(key, (n,), 0, a.num_actions)
+    draw = lambda k: jax.random.uniform(k, (a.dim,), minval=jnp.asarray(a.low), maxval=jnp.asarray(a.high))
+  else:
+    draw = lambda k: jax.random.randint(k, (), 0, a.num_actions)
+  return jax.vmap(draw)(keys)
 
 
 DECODING = ("greedy", "sampled", "greedy_continuous")

@@ -213,6 +213,53 @@ def test_sft_on_two_processes_reads_each_its_part_and_checkpoints_once(tiny_asse
   assert not any("sft: step" in o for o in outs)  # progress lines go to stderr, and only process 0's
 
 
+def tiny_evaluation(artifact: str, data_dir: str) -> dict:
+  """A sampled, perturbed grid evaluation (5 episodes) of the tests' tiny agent."""
+  from tiny_agent_config import EMBODIMENTS, tiny_config
+
+  from gea_jax.agent.context import load_context
+  from gea_jax.agent.model import build_agent
+  from gea_jax.eval import episode_rows, evaluate_embodiment
+  config = tiny_config()
+  ctx = load_context(config, artifact, data_dir, EMBODIMENTS)
+  model = build_agent(config.model, ctx.layout, ctx.max_state_dim, ctx.vocab.total_vocab_size, seed=2)
+  rows = [evaluate_embodiment(model, ctx, "grid_goto", num_episodes=5, split="heldout_seed", seed=3, greedy=False,
+                              perturb=(1, 2))]
+  return {"rows": rows, "mine": episode_rows(5).tolist()}
+
+
+_EVAL_SCRIPT = """
+import json, sys
+from gea_jax import distributed
+distributed.initialize("", f"127.0.0.1:{sys.argv[3]}", 2, int(sys.argv[4]))
+sys.path.insert(0, "tests")
+from test_multihost import tiny_evaluation
+print(json.dumps(tiny_evaluation(sys.argv[1], sys.argv[2])))
+"""
+
+
+def test_evaluation_splits_the_episodes_over_the_processes_and_equals_one_process(tiny_assets, tmp_path):
+  """Each process runs its share of the episodes (5 = 3 + 2) and both return what one process running all of them
+  (this one) does: sampled tokens and perturbations are drawn per episode, and the outcomes are exchanged exactly."""
+  want = tiny_evaluation(tiny_assets["artifact"], tiny_assets["data_dir"])
+  script = tmp_path / "evaluate.py"
+  script.write_text(_EVAL_SCRIPT)
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, str(script), tiny_assets["artifact"], tiny_assets["data_dir"], str(port),
+                             str(i)], cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=TIMEOUT) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], "\n\n".join(o[1][-3000:] for o in outs)
+  got = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
+  assert want["mine"] == [0, 1, 2, 3, 4] and [g["mine"] for g in got] == [[0, 1, 2], [3, 4]]
+  for g in got:
+    for a, b in zip(g["rows"], want["rows"]):
+      assert a["episodes"] == b["episodes"] and a["success_rate"] == b["success_rate"], (a, b)
+      np.testing.assert_allclose([a["mean_length"], a["mean_return"]], [b["mean_length"], b["mean_return"]],
+                                 rtol=1e-5, atol=1e-6)
+  assert want["rows"][0]["mean_length"] > 1  # the grid episodes ran beyond the perturbed steps
+
+
 def _long_sft_flags(tiny_assets) -> list[str]:
   """The tiny SFT run, long enough to be signalled (100,000 steps), a checkpoint every 5."""
   return [f"--config.sft.tokenizer_artifact={tiny_assets['artifact']}",

@@ -114,6 +114,23 @@ def test_sampled_logp_equals_teacher_forced(assets, temperature, film):
   assert ((used >= lo) & (used < hi)).all()
 
 
+def test_a_key_per_row_makes_each_rows_draw_its_own(assets):
+  """With a key per row (how the evaluation samples), a row's tokens and log-prob do not depend on the other rows:
+  decoding rows 2..5 alone gives what they got among all 6 (so an evaluation split over processes draws the same)."""
+  _, ctx, model = _setup(assets)
+  L = ctx.layout
+  prompt, tok_valid, _ = _prompts(ctx)
+  mask_table = jnp.asarray(ctx.vocab.mask_table)
+  keys = jax.random.split(jax.random.key(5), 6)
+  f = nnx.jit(lambda m, p, v, k: decode_action_tokens(m, L, p, mask_table, v, k, greedy=False))
+  whole = f(model, prompt, tok_valid, keys)
+  part = f(model, jax.tree.map(lambda x: x[2:], prompt), tok_valid[2:], keys[2:])
+  np.testing.assert_array_equal(np.asarray(part.tokens), np.asarray(whole.tokens)[2:])
+  np.testing.assert_allclose(np.asarray(part.logp), np.asarray(whole.logp)[2:], atol=1e-5)
+  other = f(model, prompt, tok_valid, jax.random.split(jax.random.key(6), 6))  # the keys do drive the draws
+  assert not np.array_equal(np.asarray(other.tokens), np.asarray(whole.tokens))
+
+
 def test_kv_cache_decoding_equals_recomputed_context(assets):
   _, ctx, model = _setup(assets, "full")
   L = ctx.layout

@@ -129,12 +129,20 @@ def sample_token(model, h, emb, mask_table, j: int, used, key, *, greedy: bool, 
                  candidate_ids=None):
   """Action token ``j`` from the hidden state ``h`` [b,1,d]: (token [b], its log-prob [b], 0 where unused).
 
+  key: one key for the batch, or a key per row ([b] keys: a row's draw then does not depend on the other rows,
+  e.g. on how an evaluation's episodes are split over processes).
+
   candidate_ids: see `masked_logits` (the same distribution from ~C instead of ~V logits; a sampled token for a
   given key differs from the full-vocabulary draw, greedy tokens do not).
   """
   logits = masked_logits(model, h, emb, mask_table, first_pos=j, candidate_ids=candidate_ids)[:, 0]
   logp_all = jax.nn.log_softmax(logits / (1.0 if greedy else temperature), axis=-1)
-  col = jnp.argmax(logits, -1) if greedy else jax.random.categorical(key, logp_all)
+  if greedy:
+    col = jnp.argmax(logits, -1)
+  elif jnp.ndim(key):  # a key per row: each row's draw depends on its own key only
+    col = jax.vmap(jax.random.categorical)(key, logp_all)
+  else:
+    col = jax.random.categorical(key, logp_all)
   logp = jnp.take_along_axis(logp_all, col[:, None], -1)[:, 0]
   tok = col if candidate_ids is None else jnp.asarray(candidate_ids, jnp.int32)[col]
   tok = jnp.where(used, tok, pad_id).astype(jnp.int32)
@@ -179,6 +187,15 @@ def check_prefix_cache(layout: PromptLayout, prefix_cache: KVCache, batch: int) 
                      f"text_len={layout.text_len}: make it with text_prefix_cache")
 
 
+def split_key(key) -> tuple[jax.Array, jax.Array]:
+  """``jax.random.split(key)`` for one key, or row by row for a key per row ([b] keys)."""
+  if jnp.ndim(key):
+    keys = jax.vmap(jax.random.split)(key)
+    return keys[:, 0], keys[:, 1]
+  k, sub = jax.random.split(key)
+  return k, sub
+
+
 def decode_action_tokens(model, layout: PromptLayout, prompt, mask_table, token_valid, key, *, greedy: bool,
                          temperature: float = 1.0, prefix_cache: KVCache | None = None,
                          candidate_ids=None) -> Decoded:
@@ -186,6 +203,7 @@ def decode_action_tokens(model, layout: PromptLayout, prompt, mask_table, token_
 
   prompt: input_ids/attention_mask/positions of length prompt_len, image, state, embodiment_id.
   token_valid: bool [b, T] which positions the row's embodiment uses.
+  key: one key, or a key per row ([b]; see `sample_token`).
   prefix_cache: `text_prefix_cache` of the prompt's text part (the caller keeps them in sync): only the
     frame part (slots text_len..prompt_len) is run, on top of it. None: the whole prompt is run. Its slots from
     text_len on may hold anything (e.g. the previous decision's keys / values: see `reuse_prefix_buffers`) as
@@ -213,7 +231,7 @@ def decode_action_tokens(model, layout: PromptLayout, prompt, mask_table, token_
   emb = prompt["embodiment_id"]
   tokens, total = [], jnp.zeros((b,), jnp.float32)
   for j in range(T):
-    key, sub = jax.random.split(key)
+    key, sub = split_key(key)
     tok, logp = sample_token(model, h, emb, mask_table, j, token_valid[:, j], sub, greedy=greedy,
                              temperature=temperature, pad_id=layout.pad_id, candidate_ids=candidate_ids)
     used = token_valid[:, j]
