@@ -10,8 +10,10 @@ machine, and the SFT step (`gea_jax.train.sft.step_fn`, the function the trainer
 XLA:TPU for a mesh over them: the config's ``mesh.shape`` and ``sharding.rules``, the model built from the config
 (`build_agent` under `nnx.eval_shape`: no device arrays; a config with pretrained weights still reads their file),
 its optimizer state, and a global batch of ``sft.batch_size`` sequences of the config's prompt layout. The compiled
-program's ``memory_analysis()`` gives each chip's bytes (arguments, outputs, temporaries, aliased donations) and
-``cost_analysis()`` its FLOPs; XLA:TPU itself refuses a program whose buffers exceed the chip's HBM.
+program's ``memory_analysis()`` gives each chip's bytes (arguments, outputs, temporaries, aliased donations);
+XLA:TPU itself refuses a program whose buffers exceed the chip's HBM. FLOPs are the matmuls and convolutions of the
+traced program with every loop pass counted (`gea_jax.tools.jaxpr_flops`), split evenly over the chips: XLA's
+``cost_analysis()``, also reported, counts a loop's body once (PPO's programs are loops).
 
 ``--stage=ppo`` compiles what `gea_jax.train.ppo.VlmPPO` jits instead: each embodiment's collector
 (``collect/NAME``: ``ppo.unroll_length`` steps of ``ppo.num_envs`` envs with KV-cached decoding) and the update
@@ -42,8 +44,10 @@ os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 # compiling needs no chip: let several checks run at once (libtpu otherwise holds /tmp/libtpu_lockfile per process)
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -51,6 +55,8 @@ from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from gea_jax.tools.jaxpr_flops import FlopCounts, jaxpr_flops  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Agent config (configs/*.py).")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "TPU topology, e.g. v5e:2x4, v4:2x2x2, v5p:2x2x2, v6e:4x4.")
@@ -117,8 +123,21 @@ def example_sequence(ctx, name: str) -> dict[str, np.ndarray]:
   return model_arrays(sequence_builder(ctx, [name])(sample))
 
 
+@dataclasses.dataclass
+class Program:
+  """A compiled program and its matmul / convolution FLOPs counted on its jaxpr (`jaxpr_flops`)."""
+  compiled: Any
+  counts: FlopCounts
+
+
+def compile_traced(jitted, *args) -> Program:
+  """``jitted`` traced on ``args`` (abstract arrays with shardings), lowered and compiled for their devices."""
+  traced = jitted.trace(*args)
+  return Program(traced.lower().compile(), jaxpr_flops(traced.jaxpr))
+
+
 def compile_sft_step(config, devices):
-  """XLA:TPU's compiled SFT step of ``config`` on a mesh over ``devices``; returns (compiled, mesh, ctx)."""
+  """XLA:TPU's compiled SFT step of ``config`` on a mesh over ``devices``; returns (Program, mesh, ctx)."""
   from gea_jax import sharding
   from gea_jax.agent.model import build_agent, trainable_filter
   from gea_jax.train import pipeline, sft
@@ -154,9 +173,9 @@ def compile_sft_step(config, devices):
     return values(new_state), metrics
 
   with sharding.use_mesh(mesh, rules):
-    lowered = jax.jit(split_step, donate_argnums=0, out_shardings=(values(state_sh), None)).lower(
-        state_in, batch, mask_table)
-    return lowered.compile(), mesh, ctx
+    program = compile_traced(jax.jit(split_step, donate_argnums=0, out_shardings=(values(state_sh), None)),
+                             state_in, batch, mask_table)
+    return program, mesh, ctx
 
 
 def _out_abstract(compiled):
@@ -181,7 +200,7 @@ def compile_ppo_programs(config, devices):
   """XLA:TPU's compiled PPO programs of ``config`` on a mesh over ``devices``: each embodiment's collector
   (``collect/NAME``: ``ppo.unroll_length`` steps of ``ppo.num_envs`` envs, KV-cached decoding) and the update
   (``update``: GAE, ``ppo.num_epochs`` x ``ppo.num_minibatches`` Adam steps, the joint SFT batches when
-  ``ppo.sft_coef > 0``), as `gea_jax.train.ppo.VlmPPO` jits them. Returns ({name: compiled}, mesh, ctx)."""
+  ``ppo.sft_coef > 0``), as `gea_jax.train.ppo.VlmPPO` jits them. Returns ({name: Program}, mesh, ctx)."""
   import ml_collections
 
   from gea_jax import sharding
@@ -226,9 +245,8 @@ def compile_ppo_programs(config, devices):
       if learner.continue_episodes:
         start = jax.eval_shape(lambda pool: initial_episodes(ctx, pool, n), pool)
         args.append(sharding.abstract_on(start, learner.pool_sharding))
-      compiled = learner._collect[i].lower(*args).compile()
-      programs[f"collect/{name}"] = compiled
-      out = _out_abstract(compiled)
+      programs[f"collect/{name}"] = compile_traced(learner._collect[i], *args)
+      out = _out_abstract(programs[f"collect/{name}"].compiled)
       trajs.append(out[0])
       boots.append(out[1])
     sft_batch = None
@@ -240,9 +258,9 @@ def compile_ppo_programs(config, devices):
           mesh, PartitionSpec(*(None,) * len(lead), *sharding.batch_sharding(mesh, x.ndim + 1, rules).spec)))
           for k, x in one.items()}
     weight = jax.ShapeDtypeStruct((), np.float32, sharding=learner.replicated)
-    programs["update"] = learner._update.lower(learner.params, learner.opt_state, learner.rest, learner.ref_params,
-                                               trajs, boots, key, learner.mask_table, weight, sft_batch,
-                                               learner.critic_state).compile()
+    programs["update"] = compile_traced(learner._update, learner.params, learner.opt_state, learner.rest,
+                                        learner.ref_params, trajs, boots, key, learner.mask_table, weight, sft_batch,
+                                        learner.critic_state)
   return programs, mesh, ctx
 
 
@@ -270,11 +288,21 @@ def _too_big(stage: str, topology: str, needed: str) -> None:
         f"{_ADVICE[stage]}", file=sys.stderr)
 
 
-def _flops(compiled) -> float | None:
+def _xla_flops(compiled) -> float | None:
+  """XLA's own count: every loop body once (see gea_jax.tools.jaxpr_flops)."""
   cost = compiled.cost_analysis() or {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", float("nan")))
   return None if math.isnan(flops) else flops
+
+
+def flop_report(program: Program, chips: int) -> dict:
+  """``flops_per_chip``: the program's matmul + convolution FLOPs (each loop body times its trip count; from its
+  jaxpr, `jaxpr_flops`) over the chips, as if they split the work evenly; ``while_loops``: loops of run-time length,
+  counted once; ``xla_flops_bodies_once``: XLA's cost analysis of one chip's program, which counts a loop body once
+  and elementwise work too."""
+  return dict(flops_per_chip=program.counts.flops / chips, while_loops=program.counts.while_loops,
+              xla_flops_bodies_once=_xla_flops(program.compiled))
 
 
 def _sizes(config, stage: str) -> dict:
@@ -293,8 +321,8 @@ def main(argv):
     hbm = hbm_bytes(topology)
     devices = topology_devices(topology)
     if stage == "sft":
-      compiled, mesh, ctx = compile_sft_step(config, devices)
-      programs = {"sft_step": compiled}
+      program, mesh, ctx = compile_sft_step(config, devices)
+      programs = {"sft_step": program}
     else:
       programs, mesh, ctx = compile_ppo_programs(config, devices)
   except (ValueError, RuntimeError) as e:
@@ -304,7 +332,7 @@ def main(argv):
       sys.exit(1)
     print(f"aot_compile: {e}", file=sys.stderr)
     sys.exit(2)
-  reports = {name: dict(memory_report(c), flops_per_chip=_flops(c)) for name, c in programs.items()}
+  reports = {name: dict(memory_report(p.compiled), **flop_report(p, len(devices))) for name, p in programs.items()}
   largest = max(reports, key=lambda k: reports[k]["bytes_per_chip"])
   gib = lambda x: f"{x / 2**30:.3f} GiB"
   shape = (f"global batch {int(config.sft.batch_size)} x {ctx.layout.seq_len} tokens" if stage == "sft" else
@@ -315,7 +343,10 @@ def main(argv):
     print(f"  {name}{'  (largest)' if len(reports) > 1 and name == largest else ''}")
     for k in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "code_bytes", "bytes_per_chip"):
       print(f"    {k:<16} {gib(r[k]):>14}")
-    print(f"    flops per chip   {r['flops_per_chip'] or float('nan'):.3e}")
+    print(f"    flops per chip   {r['flops_per_chip']:.3e}  (matmuls and convolutions, every loop pass, split evenly; "
+          f"XLA's count, loop bodies once: {r['xla_flops_bodies_once'] or float('nan'):.3e})")
+    if r["while_loops"]:
+      print(f"    ({r['while_loops']} while loops of run-time length: their bodies counted once)")
   fraction = float(_MAX_FRACTION.value)
   mem = reports[largest]
   fits = mem["bytes_per_chip"] <= fraction * hbm
