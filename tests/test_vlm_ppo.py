@@ -7,6 +7,7 @@ Fixtures (synthetic datasets, untrained RVQ artifact, tiny config) come from tes
 """
 
 import os
+import shutil
 import signal
 
 import jax
@@ -568,13 +569,18 @@ def test_lora_ppo_on_grid_goto_changes_only_lora_and_resumes_exactly(assets, tmp
     assert res.final_metrics[k] > 0, k
   busy = res.final_metrics["perf/collect_seconds"] + res.final_metrics["perf/update_seconds"]
   np.testing.assert_allclose(res.final_metrics["perf/env_steps_per_second"], 8 * 2 / busy, rtol=1e-6)
-  # preempted (SIGTERM) in iteration 1: it saves that iteration and stops; the rerun resumes from that checkpoint
-  # and reaches the same parameters bit for bit
+  # stopped after iteration 1 (the joint-loss case: preempted by a real SIGTERM, which saves that iteration and
+  # stops; the other: a copy of the run without its last checkpoint, a run killed outright); the rerun resumes from
+  # that checkpoint and reaches the same parameters bit for bit
   part = tmp_path / "part"
-  sigterm = lambda it, metrics: os.kill(os.getpid(), signal.SIGTERM)
-  stopped = ppo.train(config, str(part), _setup(assets, "full", history=1)[2], ctx, ["grid_goto"], callback=sigterm)
-  assert stopped.preempted and stopped.iterations == 1 and not res.preempted
-  assert ppo.saved_iterations(config, str(part)) == [1]
+  if sft_coef:
+    sigterm = lambda it, metrics: os.kill(os.getpid(), signal.SIGTERM)
+    stopped = ppo.train(config, str(part), _setup(assets, "full", history=1)[2], ctx, ["grid_goto"], callback=sigterm)
+    assert stopped.preempted and stopped.iterations == 1 and not res.preempted
+    assert ppo.saved_iterations(config, str(part)) == [1]
+  else:
+    shutil.copytree(tmp_path / "full", part)
+    shutil.rmtree(part / "ppo" / "checkpoints" / "2")
   _, _, model2 = _setup(assets, "full", history=1)
   res2 = ppo.train(config, str(part), model2, ctx, ["grid_goto"])
   assert res2.iterations == 2 and not res2.preempted
