@@ -153,6 +153,10 @@ def evaluation_resets(env, split: str, seed: int, num_episodes: int):
   return reset(jax.random.split(jax.random.fold_in(jax.random.key(seed), 0), num_episodes))
 
 
+# every episode's key folded with the same data (a step number); jitted once for the process, not per evaluation
+_fold_in_each = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
+
+
 def episode_rows(num_episodes: int) -> np.ndarray:
   """The evaluation episodes this process runs: all of them in a one-process run, else a contiguous share."""
   return np.array_split(np.arange(num_episodes), jax.process_count())[jax.process_index()]
@@ -197,7 +201,6 @@ def _run_episodes(model, ctx: AgentContext, env, env_step, e: int, states, row_k
                   text_prefix: bool, on_step) -> list[np.ndarray]:
   """`evaluate_embodiment`'s loop over this process's episodes -> [success, return, length] per episode."""
   n = len(row_keys)
-  step_keys = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
   text_ids, text_mask = text_prompts(ctx, e, instructions_of(env, states, n))
   text_ids, text_mask = jnp.asarray(text_ids), jnp.asarray(text_mask)
   policy = nnx.jit(make_policy_step(ctx, e, greedy=greedy))
@@ -212,11 +215,11 @@ def _run_episodes(model, ctx: AgentContext, env, env_step, e: int, states, row_k
   ret = np.zeros(n, np.float64)
   length = np.zeros(n, np.int64)
   for t in range(spec.max_episode_steps):
-    k = step_keys(row_keys, t + 1)  # a key per episode
+    k = _fold_in_each(row_keys, t + 1)  # a key per episode
     action, _, _, _, buffers = policy(model, buffers, states.obs, text_ids, text_mask, k, ctx.vocab.mask_table,
                                       prefix)
     if perturb is not None and perturb[0] <= t < perturb[0] + perturb[1]:
-      action = _random_actions(spec, step_keys(k, 7))
+      action = _random_actions(spec, _fold_in_each(k, 7))
     if on_step is not None:
       on_step(t, states, action, ~done)
     states = env_step(states, action)
